@@ -1,0 +1,100 @@
+"""Importer for the TCGA-13 layout (``shared/data/tcga13``).
+
+Files: ``patients.csv`` (case_id, tcga_project, age, is_female, survival_months, event and the
+TCGA-CDR endpoints ``cdr_*``), ``expression_zscore.csv.gz`` (patients × genes, per-cohort z-scores)
+and ``multiomics/tcga_<cohort>_all_clean.csv.gz`` (per-slide rows with ``<GENE>_cnv``/``<GENE>_mut``
+columns; a patient's slides repeat the same values). Optional ``slides.csv`` (case_id, slide_id).
+
+Overall survival comes from ``survival_months`` × 30.4375 days (it equals TCGA-CDR OS; 60 months is
+exactly the 5-year horizon of 1826.25 days).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from oncofm.cohort.importers import ImportedCohort, register_importer
+from oncofm.cohort.schema import Col
+from oncofm.errors import DataValidationError, OncoFMError
+from oncofm.survival.endpoints import DAYS_PER_MONTH
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("case_id", "tcga_project", "survival_months", "event")
+
+
+def _read_patients(path: Path) -> pd.DataFrame:
+    raw = pd.read_csv(path)
+    missing = [c for c in REQUIRED if c not in raw.columns]
+    if missing:
+        raise DataValidationError(f"missing required column(s) {missing}", file=str(path))
+    out = pd.DataFrame({
+        Col.PATIENT: raw["case_id"].astype("string"),
+        Col.CANCER: raw["tcga_project"],
+        Col.AGE: pd.to_numeric(raw.get("age"), errors="coerce") if "age" in raw else np.nan,
+        Col.SEX: raw["is_female"].map({1.0: "female", 0.0: "male", 1: "female", 0: "male"})
+        if "is_female" in raw else None,
+        Col.OS_DAYS: pd.to_numeric(raw["survival_months"], errors="coerce") * DAYS_PER_MONTH,
+        Col.OS_EVENT: raw["event"],
+    })
+    for name in ("DSS", "PFI", "DFI"):
+        if f"cdr_{name}" in raw and f"cdr_{name}_days" in raw:
+            out[f"{name.lower()}_days"] = pd.to_numeric(raw[f"cdr_{name}_days"], errors="coerce")
+            out[f"{name.lower()}_event"] = pd.to_numeric(raw[f"cdr_{name}"], errors="coerce")
+    out[Col.SOURCE] = "tcga13"
+    return out
+
+
+def _read_multiomics(folder: Path, suffix: str, patients: pd.Index) -> pd.DataFrame | None:
+    frames = []
+    for file in sorted(folder.glob("*_all_clean.csv.gz")):
+        header = pd.read_csv(file, nrows=0).columns
+        cols = [c for c in header if c.endswith(suffix)]
+        if not cols:
+            continue
+        df = pd.read_csv(file, usecols=["case_id", *cols])
+        df = df.drop_duplicates("case_id").set_index("case_id")
+        df.columns = [c[: -len(suffix)] for c in df.columns]
+        df = df.dropna(axis=1, how="all")
+        if df.shape[1]:
+            frames.append(df)
+    if not frames:
+        return None
+    out = pd.concat(frames, axis=0, join="outer")
+    out = out[~out.index.duplicated()]
+    out = out.loc[out.index.intersection(patients)]
+    return out.astype(np.float32)
+
+
+@register_importer("tcga13")
+def import_tcga13(settings) -> ImportedCohort:  # noqa: ANN001 - ImportSettings (import cycle)
+    root = Path(settings.source)
+    if not root.is_dir():
+        raise OncoFMError(f"--source {root} is not a folder in the tcga13 layout (patients.csv, "
+                          "expression_zscore.csv.gz, multiomics/)")
+    pfile, efile = root / "patients.csv", root / "expression_zscore.csv.gz"
+    for f in (pfile, efile):
+        if not f.exists():
+            raise OncoFMError(f"{f} is missing: the tcga13 layout needs patients.csv and expression_zscore.csv.gz")
+    patients = _read_patients(pfile)
+    log.info("reading %s", efile.name)
+    expr = pd.read_csv(efile, index_col=0, engine="c", dtype={0: str}, low_memory=False)
+    expr.index = expr.index.astype(str)
+    expr.index.name = Col.PATIENT
+    notes = []
+    mo = root / "multiomics"
+    cnv = mut = None
+    if mo.is_dir() and settings.include_multiomics:
+        log.info("reading copy number and mutations from %s", mo)
+        cnv = _read_multiomics(mo, "_cnv", pd.Index(patients[Col.PATIENT].astype(str)))
+        mut = _read_multiomics(mo, "_mut", pd.Index(patients[Col.PATIENT].astype(str)))
+    slides = None
+    if (root / "slides.csv").exists():
+        s = pd.read_csv(root / "slides.csv")
+        slides = pd.DataFrame({Col.PATIENT: s["case_id"].astype(str), "slide_id": s["slide_id"].astype(str)})
+    return ImportedCohort(patients=patients, expression=expr, cnv=cnv, mutation=mut, slides=slides,
+                          notes=notes)

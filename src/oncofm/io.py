@@ -1,0 +1,68 @@
+"""Atomic file writes: a stage's outputs appear whole or not at all.
+
+Write to a temporary file in the same directory, then ``os.replace`` it onto the target, so an
+interrupted run never leaves a truncated artifact that a later run would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix or ".tmp",
+                               dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_parquet(df: pd.DataFrame, target: str | Path, **kwargs: Any) -> Path:
+    """Write ``df`` to parquet atomically and return the path."""
+    with atomic_path(target) as tmp:
+        df.to_parquet(tmp, **kwargs)
+    return Path(target)
+
+
+def write_json(obj: Any, target: str | Path) -> Path:
+    """Write ``obj`` as indented JSON atomically (NaN written as null)."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(_clean(obj), indent=2, default=str) + "\n")
+    return Path(target)
+
+
+def write_text(text: str, target: str | Path) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return Path(target)
+
+
+def _clean(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _clean(obj.item())
+    return obj
