@@ -36,7 +36,7 @@ def _read_patients(path: Path) -> pd.DataFrame:
         Col.PATIENT: raw["case_id"].astype("string"),
         Col.CANCER: raw["tcga_project"],
         Col.AGE: pd.to_numeric(raw.get("age"), errors="coerce") if "age" in raw else np.nan,
-        Col.SEX: raw["is_female"].map({1.0: "female", 0.0: "male", 1: "female", 0: "male"})
+        Col.SEX: raw["is_female"].map({1.0: "female", 0.0: "male"})
         if "is_female" in raw else None,
         Col.OS_DAYS: pd.to_numeric(raw["survival_months"], errors="coerce") * DAYS_PER_MONTH,
         Col.OS_EVENT: raw["event"],
