@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "oncofm.survival.cli",
     "oncofm.omics.cli",
     "oncofm.pathology.cli",
+    "oncofm.pathology.model_cli",
     "oncofm.fusion.cli",
     "oncofm.report.cli",
     "oncofm.web.cli",

@@ -8,10 +8,6 @@ from oncofm.errors import OncoFMError
 
 
 def register(app: typer.Typer, train_app: typer.Typer) -> None:
-    @app.command("features", help="Select genes and build the (expression, coefficient) pair tensor (issue 3).")
-    def _features() -> None:
-        raise OncoFMError("`features` is not implemented yet")
-
     @train_app.command("omics", help="Train the tabular transformer on gene tokens (issue 5).")
     def _omics_train() -> None:
         raise OncoFMError("`train omics` is not implemented yet")

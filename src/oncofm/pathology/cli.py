@@ -11,11 +11,3 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
     @app.command("tile", help="Tile slides into tissue patches at a target magnification (issue 4).")
     def _tile() -> None:
         raise OncoFMError("`tile` is not implemented yet")
-
-    @train_app.command("slide", help="Train the Swin + attention-MIL slide model (issue 6).")
-    def _slide_train() -> None:
-        raise OncoFMError("`train slide` is not implemented yet")
-
-    @app.command("heatmap", help="Draw attention heatmaps over a slide (issue 6).")
-    def _heatmap() -> None:
-        raise OncoFMError("`heatmap` is not implemented yet")
