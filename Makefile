@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test setup lint bench clean-runs
+.PHONY: demo test setup browser lint bench clean-runs
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/oncofm demo --run runs/demo
 
-test: $(STAMP)
+# Debian's headless Chromium for the browser test (installed once, only if missing)
+browser:
+	@bash scripts/install_browser.sh
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -rs
 
 lint: $(STAMP)
