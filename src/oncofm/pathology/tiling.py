@@ -1,0 +1,419 @@
+"""Patch grids at a target magnification, written per slide as ``<slide>.h5`` (see docs/CONTRACTS.md).
+
+One slide (:func:`tile_slide`):
+
+1. open it (:func:`~oncofm.pathology.reader.open_slide`) and work out the patch side at level 0
+   (``patch_size * target_mpp / slide_mpp``) and the **read level**: the coarsest pyramid level whose mpp is
+   ≤ the target (1 % tolerance), so a patch is read as ``read_size`` pixels there and resized to
+   ``patch_size`` — never from level 0 when a lower level will do;
+2. detect tissue and ink on a low-resolution image (:mod:`oncofm.pathology.tissue`);
+3. lay a non-overlapping grid over the slide, measure each cell's tissue and ink fraction from the masks
+   (summed-area tables, so any grid size costs the same), keep cells with tissue ≥ ``min_tissue`` and no
+   ink;
+4. write ``<slide>.h5`` and ``<slide>_qc.png`` atomically.
+
+A folder (:func:`tile_slides`): N spawn-safe worker processes; finished slides are skipped; each slide is
+guarded by a lock file created with ``O_CREAT | O_EXCL`` (stale locks — dead process on this host, or older
+than ``stale_lock_hours`` — are broken), so several workers or machines can share one output folder; a slide
+that fails is written to ``failures.csv`` (``slide, reason``) and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.errors import OncoFMError
+from oncofm.io import atomic_path
+from oncofm.pathology.reader import SlideReader, find_slides, open_slide, slide_stem
+from oncofm.pathology.tissue import TissueMask, TissueSettings, detect_tissue
+
+log = logging.getLogger(__name__)
+
+FAILURES_FILE = "failures.csv"
+LOCK_SUFFIX = ".lock"
+#: Largest allowed upsampling (slide mpp / target mpp) before the target is refused as too fine.
+MAX_UPSAMPLE = 1.1
+
+
+class EmptySlideError(OncoFMError):
+    """The slide has no patch with enough tissue."""
+
+
+class TilingSettings(StageSettings):
+    """Settings of ``oncofm tile``."""
+
+    stage = "tiles"
+
+    source: str = Field(..., description="A slide file or a folder of slides.")
+    out: str = Field(..., description="Output folder for <slide>.h5, <slide>_qc.png, failures.csv.")
+    target_mpp: float = Field(0.5, gt=0, description="Patch resolution in µm/px (0.5 ≈ 20x, 0.25 ≈ 40x).")
+    patch_size: int = Field(224, ge=8, le=8192, description="Patch side in pixels after resizing.")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="Keep patches with at least this tissue fraction.")
+    max_ink: float = Field(0.0, ge=0, le=1, description="Drop patches with more than this ink fraction.")
+    slide_mpp: float | None = Field(None, gt=0, description="Level-0 µm/px for slides without metadata.")
+    workers: int = Field(1, ge=1, le=256)
+    redo: bool = False
+    qc: bool = Field(True, description="Write <slide>_qc.png.")
+    qc_size: int = Field(1024, ge=64)
+    stale_lock_hours: float = Field(6.0, gt=0)
+    tissue: TissueSettings = Field(default_factory=TissueSettings)
+
+
+@dataclass
+class GridPlan:
+    """Where and how a slide's patches are read."""
+
+    level0_size: int  # patch side at level 0 (px)
+    read_level: int
+    read_size: int  # patch side at read_level (px)
+    downsample: float  # of read_level
+    cols: int
+    rows: int
+
+
+@dataclass
+class SlideResult:
+    """Outcome of one slide in a batch."""
+
+    slide: str
+    status: str  # done | skipped | busy | failed
+    n_patches: int = 0
+    reason: str = ""
+    seconds: float = 0.0
+    worker: str = ""
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geometry
+def plan_grid(slide: SlideReader, target_mpp: float, patch_size: int) -> GridPlan:
+    """Level-0 patch side, read level and read size for ``patch_size`` pixels at ``target_mpp``."""
+    target_ds = target_mpp / slide.mpp
+    if target_ds < 1 / MAX_UPSAMPLE:
+        raise OncoFMError(f"{slide.path.name} is scanned at {slide.mpp:.4g} µm/px, coarser than the target "
+                          f"{target_mpp} µm/px; pass a larger --mpp (at least {slide.mpp:.3g})")
+    level0_size = int(round(patch_size * target_ds))
+    if level0_size < 1:
+        raise OncoFMError(f"patch of {patch_size} px at {target_mpp} µm/px is below one level-0 pixel")
+    read_level = slide.best_level_for_downsample(target_ds)
+    ds = slide.level_downsamples[read_level]
+    read_size = max(1, int(round(level0_size / ds)))
+    width, height = slide.dimensions
+    return GridPlan(level0_size=level0_size, read_level=read_level, read_size=read_size, downsample=ds,
+                    cols=width // level0_size, rows=height // level0_size)
+
+
+def _box_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: float) -> np.ndarray:
+    """Mean of ``mask`` over boxes [x0, x0+side) × [y0, y0+side) in mask pixels (summed-area table)."""
+    h, w = mask.shape
+    sat = np.zeros((h + 1, w + 1), np.int64)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
+    xa = np.clip(np.round(x0).astype(np.int64), 0, w)
+    ya = np.clip(np.round(y0).astype(np.int64), 0, h)
+    xb = np.clip(np.round(x0 + side).astype(np.int64), 0, w)
+    yb = np.clip(np.round(y0 + side).astype(np.int64), 0, h)
+    xb, yb = np.maximum(xb, np.minimum(xa + 1, w)), np.maximum(yb, np.minimum(ya + 1, h))
+    total = sat[yb, xb] - sat[ya, xb] - sat[yb, xa] + sat[ya, xa]
+    area = np.maximum((xb - xa) * (yb - ya), 1)
+    return (total / area).astype(np.float32)
+
+
+def grid_patches(plan: GridPlan, masks: TissueMask, min_tissue: float, max_ink: float = 0.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (N, 2) int64 level-0 (x, y) and tissue fractions (N,) float32 of the kept grid cells."""
+    if plan.cols == 0 or plan.rows == 0:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    gy, gx = np.mgrid[0:plan.rows, 0:plan.cols]
+    xs = (gx.ravel() * plan.level0_size).astype(np.int64)
+    ys = (gy.ravel() * plan.level0_size).astype(np.int64)
+    side = plan.level0_size / masks.downsample
+    tissue = _box_fractions(masks.tissue, xs / masks.downsample, ys / masks.downsample, side)
+    keep = tissue >= max(min_tissue, 1e-6)
+    if masks.ink.any():
+        ink = _box_fractions(masks.ink, xs / masks.downsample, ys / masks.downsample, side)
+        keep &= ink <= max_ink
+    coords = np.stack([xs[keep], ys[keep]], axis=1)
+    return coords, tissue[keep]
+
+
+def read_patch(slide: SlideReader, x: int, y: int, read_level: int, read_size: int, patch_size: int
+               ) -> np.ndarray:
+    """One patch (patch_size, patch_size, 3) uint8 at level-0 (x, y), read at ``read_level`` and resized."""
+    from PIL import Image
+
+    region = slide.read_region((int(x), int(y)), read_level, (read_size, read_size))
+    if read_size != patch_size:
+        region = np.asarray(Image.fromarray(region).resize((patch_size, patch_size), Image.BILINEAR))
+    return region
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one slide
+def tile_slide(path: str | Path, settings: TilingSettings) -> SlideResult:
+    """Tile one slide into ``settings.out`` (no locking; see :func:`tile_slides`). Raises on failure."""
+    import h5py
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    out = Path(settings.out)
+    stem = slide_stem(path)
+    with open_slide(path, mpp=settings.slide_mpp) as slide:
+        plan = plan_grid(slide, settings.target_mpp, settings.patch_size)
+        # At least 8 mask pixels across a patch, so tissue fractions are measured, not guessed.
+        masks = detect_tissue(slide, settings.tissue, max_downsample=plan.level0_size / 8)
+        coords, fractions = grid_patches(plan, masks, settings.min_tissue, settings.max_ink)
+        if len(coords) == 0:
+            raise EmptySlideError(f"no patch with ≥{settings.min_tissue:.0%} tissue (tissue covers "
+                                  f"{masks.fraction:.1%} of the slide; grid {plan.cols}x{plan.rows})")
+        attrs: dict[str, Any] = {
+            "slide_path": str(path.resolve()), "read_level": plan.read_level, "read_size": plan.read_size,
+            "patch_size": settings.patch_size, "target_mpp": settings.target_mpp, "slide_mpp": slide.mpp,
+            "level0_size": plan.level0_size, "downsample": plan.downsample,
+            "width": slide.dimensions[0], "height": slide.dimensions[1], "vendor": slide.vendor,
+            "backend": slide.backend, "level_count": slide.level_count,
+            "level_downsamples": np.asarray(slide.level_downsamples, np.float64),
+            "mpp_source": "metadata" if slide.metadata_mpp is not None and abs(slide.metadata_mpp - slide.mpp)
+            < 1e-9 else "user",
+            "grid_cols": plan.cols, "grid_rows": plan.rows, "min_tissue": settings.min_tissue,
+            "mask_downsample": masks.downsample, "slide_tissue_fraction": masks.fraction,
+            "tissue_settings": json.dumps(settings.tissue.model_dump()),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "worker": _worker_id(),
+        }
+        h5_path = out / f"{stem}.h5"
+        with atomic_path(h5_path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=coords.astype(np.int64))
+            f.create_dataset("tissue_fraction", data=fractions.astype(np.float32))
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        paths = {"h5": str(h5_path)}
+        if settings.qc:
+            paths["qc"] = str(write_qc_png(slide, masks, coords, plan, out / f"{stem}_qc.png", settings.qc_size))
+    return SlideResult(slide=str(path), status="done", n_patches=int(len(coords)),
+                       seconds=time.perf_counter() - t0, worker=_worker_id(), paths=paths)
+
+
+def write_qc_png(slide: SlideReader, masks: TissueMask, coords: np.ndarray, plan: GridPlan, target: Path,
+                 max_size: int = 1024) -> Path:
+    """Thumbnail with the tissue outline (green), ink (red) and the kept patch grid (blue boxes)."""
+    from PIL import Image, ImageDraw
+    from scipy import ndimage as ndi
+
+    ds = max(1.0, max(slide.dimensions) / max_size)
+    thumb = Image.fromarray(slide.read_scaled(ds))
+    tw, th = thumb.size
+
+    def outline(mask: np.ndarray) -> np.ndarray:
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tw, th), Image.NEAREST)) > 0
+        return small & ~ndi.binary_erosion(small, iterations=2)
+
+    arr = np.asarray(thumb).copy()
+    arr[outline(masks.tissue)] = (0, 200, 0)
+    arr[outline(masks.ink)] = (230, 0, 0)
+    img = Image.fromarray(arr)
+    draw = ImageDraw.Draw(img)
+    side = plan.level0_size / ds
+    for x, y in coords:
+        x0, y0 = x / ds, y / ds
+        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 230))
+    with atomic_path(target, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# locks and failures
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(lock: Path, stale_after_s: float) -> bool:
+    """Create ``lock`` exclusively (O_CREAT|O_EXCL). Breaks it first when stale. True when we hold it."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _lock_is_stale(lock, stale_after_s):
+                log.warning("breaking stale lock %s", lock)
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+        return True
+    return False
+
+
+def _lock_is_stale(lock: Path, stale_after_s: float) -> bool:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return True
+    if age > stale_after_s:
+        return True
+    try:
+        info = json.loads(lock.read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    return info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1)))
+
+
+def release_lock(lock: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+
+
+def record_outcomes(out: Path, results: list[SlideResult], stale_after_s: float = 60.0) -> Path:
+    """Update ``failures.csv``: add this batch's failures, drop slides that now succeeded (under a lock)."""
+    target = out / FAILURES_FILE
+    lock = out / (FAILURES_FILE + LOCK_SUFFIX)
+    deadline = time.time() + 60
+    while not acquire_lock(lock, stale_after_s):
+        if time.time() > deadline:
+            raise OncoFMError(f"could not lock {lock} for 60 s; delete it if no tiling job is running")
+        time.sleep(0.05)
+    try:
+        rows: dict[str, str] = {}
+        if target.exists():
+            with open(target, newline="") as fh:
+                rows = {r["slide"]: r["reason"] for r in csv.DictReader(fh)}
+        for r in results:
+            if r.status == "failed":
+                rows[r.slide] = r.reason
+            elif r.status == "done":
+                rows.pop(r.slide, None)
+        if rows or target.exists():
+            with atomic_path(target, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["slide", "reason"])
+                writer.writerows(sorted(rows.items()))
+    finally:
+        release_lock(lock)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batch
+def _process_one(path: str, settings_json: str) -> SlideResult:
+    """Worker entry point (top level, so it pickles under ``spawn``): lock, tile, unlock; never raises."""
+    settings = TilingSettings.model_validate_json(settings_json)
+    out = Path(settings.out)
+    stem = slide_stem(path)
+    h5 = out / f"{stem}.h5"
+    if h5.exists() and not settings.redo:
+        return SlideResult(slide=path, status="skipped", worker=_worker_id())
+    lock = out / f"{stem}.h5{LOCK_SUFFIX}"
+    if not acquire_lock(lock, settings.stale_lock_hours * 3600):
+        return SlideResult(slide=path, status="busy", reason="locked by another worker", worker=_worker_id())
+    try:
+        if h5.exists() and not settings.redo:  # finished by someone else between our check and our lock
+            return SlideResult(slide=path, status="skipped", worker=_worker_id())
+        return tile_slide(path, settings)
+    except Exception as exc:  # one bad slide must not stop the batch; the reason goes to failures.csv
+        reason = str(exc) if isinstance(exc, OncoFMError) else f"{type(exc).__name__}: {exc}"
+        log.debug("slide %s failed", path, exc_info=True)
+        return SlideResult(slide=path, status="failed", reason=reason.replace("\n", " "), worker=_worker_id())
+    finally:
+        release_lock(lock)
+
+
+def tile_slides(settings: TilingSettings, progress: bool = True) -> list[SlideResult]:
+    """Tile a slide or every slide in a folder (see module docstring). Returns one result per slide."""
+    from oncofm.logging_utils import make_progress
+
+    slides = find_slides(settings.source)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings.save(out / "tiles_settings.yaml")
+    payload = settings.model_dump_json()
+    results: list[SlideResult] = []
+    with make_progress() as bar:
+        task = bar.add_task("tiling", total=len(slides), visible=progress)
+        if settings.workers == 1 or len(slides) == 1:
+            for path in slides:
+                results.append(_process_one(str(path), payload))
+                bar.advance(task)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(settings.workers, len(slides)), mp_context=ctx) as pool:
+                futures = [pool.submit(_process_one, str(p), payload) for p in slides]
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    bar.advance(task)
+    record_outcomes(out, results)
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "busy", "failed")}
+    log.info("tiling: %s (%d patches) -> %s", ", ".join(f"{v} {k}" for k, v in counts.items() if v),
+             sum(r.n_patches for r in results), out)
+    for r in results:
+        if r.status == "failed":
+            log.warning("failed: %s — %s", Path(r.slide).name, r.reason)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading a grid back
+@dataclass
+class PatchGrid:
+    """A tiles ``.h5`` loaded: coordinates, tissue fractions and the attributes of the contract."""
+
+    path: Path
+    coords: np.ndarray  # (N, 2) int64 level-0 (x, y)
+    tissue_fraction: np.ndarray  # (N,) float32
+    attrs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def slide_path(self) -> Path:
+        return Path(str(self.attrs["slide_path"]))
+
+    def open(self, mpp: float | None = None) -> SlideReader:
+        """Open the slide with the mpp recorded at tiling time."""
+        return open_slide(self.slide_path, mpp=mpp if mpp is not None else float(self.attrs["slide_mpp"]))
+
+    def read(self, slide: SlideReader, index: int) -> np.ndarray:
+        """Patch ``index`` as (patch_size, patch_size, 3) uint8."""
+        x, y = self.coords[index]
+        return read_patch(slide, int(x), int(y), int(self.attrs["read_level"]), int(self.attrs["read_size"]),
+                          int(self.attrs["patch_size"]))
+
+
+def load_grid(h5_path: str | Path) -> PatchGrid:
+    """Read a tiles ``.h5`` written by :func:`tile_slide`."""
+    import h5py
+
+    h5_path = Path(h5_path)
+    if not h5_path.exists():
+        raise OncoFMError(f"{h5_path} does not exist; run `oncofm tile` first")
+    with h5py.File(h5_path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return PatchGrid(path=h5_path, coords=f["coords"][:], tissue_fraction=f["tissue_fraction"][:],
+                         attrs=attrs)
