@@ -14,7 +14,7 @@ import pandas as pd
 from pydantic import Field
 
 from oncofm.cohort.importers import ImportedCohort, get_importer
-from oncofm.cohort.schema import Col, validate_matrix, validate_patients
+from oncofm.cohort.schema import Col, soft_problems, validate_matrix, validate_patients
 from oncofm.config import StageSettings
 from oncofm.errors import DataValidationError
 from oncofm.io import write_json, write_parquet
@@ -39,6 +39,10 @@ class ImportSettings(StageSettings):
     redo: bool = False
 
 
+def _file(cohort: ImportedCohort, source: str, what: str) -> str:
+    return cohort.files.get(what) or f"{source} ({what})"
+
+
 def _align(cohort: ImportedCohort, source: str) -> ImportedCohort:
     """Keep patients that have both clinical data and expression; note the rest."""
     pids = pd.Index(cohort.patients[Col.PATIENT].astype(str))
@@ -48,12 +52,13 @@ def _align(cohort: ImportedCohort, source: str) -> ImportedCohort:
         raise DataValidationError(
             f"the clinical table matches no expression rows (clinical IDs like {list(pids[:3])}, "
             f"expression IDs like {list(expr_ids[:3])}); check that both use the same patient barcodes",
-            file=source)
+            file=_file(cohort, source, "clinical"), column=Col.PATIENT)
     if len(both) < len(pids):
         cohort.notes.append(f"{len(pids) - len(both)} clinical patients have no expression row and were left out")
     if len(both) < len(expr_ids):
         cohort.notes.append(f"{len(expr_ids) - len(both)} expression rows have no clinical record and were left out")
-    order = [p for p in pids if p in set(both)]
+    both_set = set(both)
+    order = [p for p in pids if p in both_set]
     cohort.patients = cohort.patients[cohort.patients[Col.PATIENT].astype(str).isin(both)]
     cohort.expression = cohort.expression.loc[order]
     for name in ("cnv", "mutation"):
@@ -74,13 +79,14 @@ def import_cohort(settings: ImportSettings) -> dict[str, Path]:
     t0 = time.perf_counter()
     cohort = get_importer(settings.format)(settings)
     cohort = _align(cohort, settings.source)
-    patients = validate_patients(cohort.patients, file=f"{settings.source} (clinical)")
-    expression = validate_matrix(cohort.expression, file=f"{settings.source} (expression)")
+    patients = validate_patients(cohort.patients, file=_file(cohort, settings.source, "clinical"))
+    expression = validate_matrix(cohort.expression, file=_file(cohort, settings.source, "expression"))
     extra = {}
     for name in ("cnv", "mutation"):
         m = getattr(cohort, name)
         if m is not None and m.shape[1] > 0:
-            extra[name] = validate_matrix(m, file=f"{settings.source} ({name})", kind=name)
+            extra[name] = validate_matrix(m, file=_file(cohort, settings.source, name), kind=name)
+    soft = soft_problems(patients, expression)
     # everything validated: now write
     paths = {"patients": write_parquet(patients, layout.patients, index=False),
              "expression": write_parquet(expression, layout.expression)}
@@ -89,8 +95,8 @@ def import_cohort(settings: ImportSettings) -> dict[str, Path]:
     if cohort.slides is not None:
         paths["slides"] = write_parquet(cohort.slides, layout.slides_table, index=False)
     notes_path = layout.cohort_dir / "import_notes.json"
-    write_json({"notes": cohort.notes, "n_patients": len(patients), "n_genes": expression.shape[1],
-                "seconds": round(time.perf_counter() - t0, 2)}, notes_path)
+    write_json({"notes": cohort.notes, "soft_problems": soft, "n_patients": len(patients),
+                "n_genes": expression.shape[1], "seconds": round(time.perf_counter() - t0, 2)}, notes_path)
     paths["notes"] = notes_path
     settings.save(settings_path)
     log.info("imported %d patients × %d genes (%s) in %.1f s", len(patients), expression.shape[1],
@@ -98,6 +104,9 @@ def import_cohort(settings: ImportSettings) -> dict[str, Path]:
              time.perf_counter() - t0)
     for note in cohort.notes:
         log.warning(note)
+    for key, value in soft.items():
+        if value and key != "gene_overlap_fraction":
+            log.warning("soft problem: %s = %s", key, value)
     return paths
 
 

@@ -92,11 +92,17 @@ def validate_matrix(df: pd.DataFrame, file: str = "expression", kind: str = "exp
         raise DataValidationError(f"no gene columns in the {kind} table", file=file)
     non_numeric = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if non_numeric:
-        col = non_numeric[0]
-        vals = pd.to_numeric(df[col], errors="coerce")
-        bad = vals.isna() & df[col].notna()
-        raise DataValidationError(f"non-numeric {kind} values", file=file, column=str(col),
-                                  rows=[f"{p}={v!r}" for p, v in zip(df.index[bad], df[col][bad], strict=True)])
+        # object columns can still hold numbers only (e.g. after a transpose): convert those
+        converted = df[non_numeric].apply(pd.to_numeric, errors="coerce")
+        bad_cells = converted.isna() & df[non_numeric].notna()
+        if bad_cells.to_numpy().any():
+            col = bad_cells.columns[bad_cells.any(axis=0).to_numpy()][0]
+            bad = bad_cells[col].to_numpy()
+            raise DataValidationError(
+                f"non-numeric {kind} values", file=file, column=str(col),
+                rows=[f"{p}={v!r}" for p, v in zip(df.index[bad], df[col][bad], strict=True)])
+        df = df.copy()
+        df[non_numeric] = converted
     values = df.to_numpy(dtype=np.float64)
     inf = np.isinf(values)
     if inf.any():
@@ -114,3 +120,29 @@ def five_year_labels(patients: pd.DataFrame, years: float = 5.0) -> pd.Series:
     """The binary horizon label per patient (1 death by ``years``, 0 alive beyond, NaN censored before)."""
     return pd.Series(horizon_label(patients[Col.OS_DAYS], patients[Col.OS_EVENT], years),
                      index=patients[Col.PATIENT].to_numpy(), name=f"label_{years:g}y")
+
+
+LOW_GENE_OVERLAP = 0.5  # below this share of genes measured in every cancer type, the overlap is "low"
+
+
+def soft_problems(patients: pd.DataFrame, expression: pd.DataFrame, years: float = 5.0) -> dict[str, float | int]:
+    """Counts of problems that do not stop an import but matter to the models (saved and summarised).
+
+    - ``patients_without_5y_label``: censored before the horizon (kept for survival metrics);
+    - ``genes_missing_in_some_cohorts``: genes entirely missing (all NaN) in at least one cancer type;
+    - ``gene_overlap_fraction``: share of genes measured in every cancer type; ``low_gene_overlap`` is 1
+      when it is below ``LOW_GENE_OVERLAP``;
+    - ``missing_expression_values``: NaN cells of the expression matrix.
+    """
+    label = five_year_labels(patients, years)
+    ct = patients.set_index(Col.PATIENT)[Col.CANCER].reindex(expression.index)
+    measured = expression.notna().groupby(ct.to_numpy()).any()  # cancer types × genes
+    in_all = measured.all(axis=0)
+    overlap = float(in_all.mean()) if expression.shape[1] else 0.0
+    return {
+        "patients_without_5y_label": int(label.isna().sum()),
+        "genes_missing_in_some_cohorts": int((~in_all).sum()),
+        "gene_overlap_fraction": round(overlap, 4),
+        "low_gene_overlap": int(overlap < LOW_GENE_OVERLAP),
+        "missing_expression_values": int(expression.isna().to_numpy().sum()),
+    }

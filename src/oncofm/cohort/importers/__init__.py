@@ -28,6 +28,8 @@ class ImportedCohort:
     mutation: pd.DataFrame | None = None
     slides: pd.DataFrame | None = None  # patient_id, slide_id (file name or path)
     notes: list[str] = field(default_factory=list)  # soft problems, reported in the summary
+    # which file each table came from, for error messages: keys "clinical", "expression", "cnv", "mutation"
+    files: dict[str, str] = field(default_factory=dict)
 
 
 Importer = Callable[["ImportSettings"], ImportedCohort]
