@@ -39,6 +39,7 @@ from pydantic import Field
 from oncofm.config import StageSettings
 from oncofm.errors import OncoFMError
 from oncofm.io import atomic_path
+from oncofm.pathology.qc import write_qc_png
 from oncofm.pathology.reader import SlideReader, find_slides, open_slide, slide_stem
 from oncofm.pathology.tissue import TissueMask, TissueSettings, detect_tissue
 
@@ -205,34 +206,6 @@ def tile_slide(path: str | Path, settings: TilingSettings) -> SlideResult:
             paths["qc"] = str(write_qc_png(slide, masks, coords, plan, out / f"{stem}_qc.png", settings.qc_size))
     return SlideResult(slide=str(path), status="done", n_patches=int(len(coords)),
                        seconds=time.perf_counter() - t0, worker=_worker_id(), paths=paths)
-
-
-def write_qc_png(slide: SlideReader, masks: TissueMask, coords: np.ndarray, plan: GridPlan, target: Path,
-                 max_size: int = 1024) -> Path:
-    """Thumbnail with the tissue outline (green), ink (red) and the kept patch grid (blue boxes)."""
-    from PIL import Image, ImageDraw
-    from scipy import ndimage as ndi
-
-    ds = max(1.0, max(slide.dimensions) / max_size)
-    thumb = Image.fromarray(slide.read_scaled(ds))
-    tw, th = thumb.size
-
-    def outline(mask: np.ndarray) -> np.ndarray:
-        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tw, th), Image.NEAREST)) > 0
-        return small & ~ndi.binary_erosion(small, iterations=2)
-
-    arr = np.asarray(thumb).copy()
-    arr[outline(masks.tissue)] = (0, 200, 0)
-    arr[outline(masks.ink)] = (230, 0, 0)
-    img = Image.fromarray(arr)
-    draw = ImageDraw.Draw(img)
-    side = plan.level0_size / ds
-    for x, y in coords:
-        x0, y0 = x / ds, y / ds
-        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 230))
-    with atomic_path(target, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
-    return target
 
 
 # ----------------------------------------------------------------------------------------------------------
