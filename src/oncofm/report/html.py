@@ -1,0 +1,195 @@
+"""The self-contained HTML report: one file, images as base64 data URIs, inline CSS and JS, no external assets."""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from oncofm.report import plots
+
+if TYPE_CHECKING:
+    from oncofm.report.explain import Explanation
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d2733;background:#f5f6f8}
+main{max-width:1100px;margin:0 auto;padding:18px 22px 40px}
+h1{font-size:1.5rem;margin:.2rem 0}h2{font-size:1.15rem;margin:1.6rem 0 .5rem;border-bottom:1px solid #d5d9de;padding-bottom:.25rem}
+.notice{background:#fff4e5;border:1px solid #f0b35c;color:#7a4a00;padding:8px 12px;border-radius:6px;font-weight:600}
+.card{background:#fff;border:1px solid #e1e4e8;border-radius:8px;padding:14px 16px;margin:10px 0}
+.pred{font-size:1.25rem;font-weight:700}.pred.death{color:#a93226}.pred.alive{color:#1e8449}
+.muted{color:#5d6d7e;font-size:.9rem}.explanation{white-space:pre-wrap;line-height:1.5;font-size:1rem}
+table{border-collapse:collapse;font-size:.88rem}td,th{padding:3px 8px;border-bottom:1px solid #eceff1;text-align:right}
+th:first-child,td:first-child{text-align:left}
+.row{display:flex;gap:14px;flex-wrap:wrap}.row>figure{flex:1 1 420px;margin:0}
+figure img{max-width:100%;border:1px solid #e1e4e8;border-radius:4px;background:#fff}
+figcaption{font-size:.85rem;color:#5d6d7e}
+.zoom{overflow:hidden;border:1px solid #e1e4e8;border-radius:4px;cursor:grab;background:#fff}
+.zoom img{transform-origin:0 0;display:block;border:0;max-width:100%}
+.patches{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
+.patch{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:6px;font-size:.78rem}
+.patch img{width:100%;border-radius:4px}
+.note{background:#eef3f8;border-left:4px solid #5d8aa8;padding:6px 10px;margin:6px 0;font-size:.9rem}
+"""
+
+ZOOM_JS = """
+document.querySelectorAll('.zoom').forEach(function(box){
+  var img=box.querySelector('img'),s=1,x=0,y=0,drag=null;
+  function apply(){img.style.transform='translate('+x+'px,'+y+'px) scale('+s+')';}
+  box.addEventListener('wheel',function(e){e.preventDefault();var r=box.getBoundingClientRect();
+    var mx=e.clientX-r.left,my=e.clientY-r.top,f=e.deltaY<0?1.2:1/1.2,ns=Math.min(12,Math.max(1,s*f));
+    x=mx-(mx-x)*ns/s;y=my-(my-y)*ns/s;s=ns;if(s===1){x=0;y=0;}apply();},{passive:false});
+  box.addEventListener('mousedown',function(e){drag=[e.clientX-x,e.clientY-y];box.style.cursor='grabbing';});
+  window.addEventListener('mouseup',function(){drag=null;box.style.cursor='grab';});
+  window.addEventListener('mousemove',function(e){if(drag&&s>1){x=e.clientX-drag[0];y=e.clientY-drag[1];apply();}});
+  box.addEventListener('dblclick',function(){s=1;x=0;y=0;apply();});
+});
+"""
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if isinstance(v, float | np.floating):
+        return "—" if not np.isfinite(v) else f"{v:.{digits}f}"
+    return _e(v)
+
+
+def _header(ex: Explanation) -> str:
+    p = ex.patient
+    outcome, risk, source = ex.final()
+    if outcome is None:
+        pred = '<div class="pred">No prediction: no model could be applied (see the notes).</div>'
+    else:
+        cls = "death" if outcome.startswith("death") else "alive"
+        pred = (f'<div class="pred {cls}" id="prediction">Predicted: {_e(outcome)} '
+                f'(risk {risk:.2f})</div><div class="muted">from the {_e(source)}</div>')
+    rows = []
+    if ex.omics is not None:
+        extra = " (stored output of the run's model)" if ex.omics.source == "stored" else ""
+        rows.append(f"<tr><td>omics model{extra}</td><td>{ex.omics.prob:.3f}</td></tr>")
+    if ex.slide is not None:
+        rows.append(f"<tr><td>slide model</td><td>{ex.slide.prob:.3f}</td></tr>")
+    if ex.fusion is not None and ex.fusion.risk is not None:
+        rows.append(f"<tr><td>fusion LLM (parsed from its text)</td><td>{ex.fusion.risk:.3f}</td></tr>")
+    table = ("<table><tr><th>model</th><th>P(death within 5 years)</th></tr>" + "".join(rows) + "</table>"
+             if rows else "")
+    split = f" · cohort split: {_e(p.split)}" if p.split else ""
+    return (f'<h1>OncoFM report — {_e(p.patient_id)}</h1>'
+            f'<div class="muted">cancer type {_e(p.cancer_type)} · input: {_e(p.source)}{split} · '
+            f'created {_e(ex.created)}</div>'
+            f'<p class="notice" id="notice">{_e(_notice())}</p>'
+            f'<div class="card">{pred}{table}</div>')
+
+
+def _notice() -> str:
+    from oncofm.report.explain import NOTICE
+
+    return NOTICE + " Predictions come from models trained on a research cohort and may be wrong."
+
+
+def _explanation(ex: Explanation) -> str:
+    if ex.fusion is None:
+        body = ('<div class="note" id="explanation-missing">No generated explanation: the fusion LLM did not '
+                'run for this patient (see the notes below).</div>')
+    else:
+        body = f'<div class="explanation" id="explanation">{_e(ex.fusion.text)}</div>'
+        if ex.fusion.prediction is None:
+            body += '<div class="note">The generated text has no parseable prediction line.</div>'
+    return f"<h2>Explanation</h2><div class='card'>{body}</div>"
+
+
+def _notes(ex: Explanation) -> str:
+    notes = list(ex.log.notes)
+    if not notes:
+        return ""
+    items = "".join(f'<div class="note">{_e(n)}</div>' for n in notes)
+    return f'<h2>Missing modalities and models</h2><div id="notes">{items}</div>'
+
+
+def _slide(ex: Explanation) -> str:
+    if ex.tiled is None:
+        return ""
+    thumb = data_uri(plots.thumbnail_jpeg(ex.tiled), "image/jpeg")
+    if ex.slide is None:
+        return (f"<h2>Slide</h2><div class='row'><figure><img src='{thumb}' alt='slide thumbnail'>"
+                f"<figcaption>{_e(ex.tiled.path.name)}: {len(ex.tiled.coords)} tissue patches; "
+                "no slide model, so no heatmap.</figcaption></figure></div>")
+    heat = data_uri(plots.heatmap_overlay_png(ex.tiled, ex.slide.attention))
+    att = np.sort(ex.slide.attention)[::-1]
+    top10 = float(att[:10].sum())
+    return (
+        "<h2>Slide and attention heatmap</h2><div class='row'>"
+        f"<figure><div class='zoom'><img id='thumbnail' src='{thumb}' alt='slide thumbnail'></div>"
+        f"<figcaption>{_e(ex.tiled.path.name)} ({ex.tiled.level0_size[0]}×{ex.tiled.level0_size[1]} px, "
+        f"{ex.tiled.mpp:.3g} µm/px)</figcaption></figure>"
+        f"<figure><div class='zoom'><img id='heatmap' src='{heat}' alt='attention heatmap'></div>"
+        f"<figcaption>Attention of the slide model over {len(att)} patches; the 10 most attended hold "
+        f"{100 * top10:.0f}% of it. Wheel to zoom, drag to pan, double-click to reset.</figcaption></figure></div>"
+        + _patches(ex))
+
+
+def _patches(ex: Explanation) -> str:
+    if not ex.patches:
+        return ""
+    cards = []
+    for p in ex.patches:
+        m = "".join(f"<tr><td>{_e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in p.morphometrics.items())
+        cards.append(f"<div class='patch'><img src='{data_uri(plots.patch_jpeg(p.image), 'image/jpeg')}' "
+                     f"alt='patch {p.rank}'><div><b>#{p.rank}</b> attention {p.attention:.4f}<br>"
+                     f"at ({p.x}, {p.y})</div><table>{m}</table></div>")
+    return f"<h3>Most attended patches</h3><div class='patches' id='patches'>{''.join(cards)}</div>"
+
+
+def _genes(ex: Explanation) -> str:
+    if ex.omics is None or ex.omics.attributions.empty:
+        return ""
+    top = ex.settings.top_genes
+    img = data_uri(plots.gene_bars_png(ex.omics.attributions, top))
+    cols = [c for c in ("gene", "attribution", "expression_z", "coef", "q") if c in ex.omics.attributions]
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
+                   for _, r in ex.omics.attributions.head(top).iterrows())
+    cov = ""
+    if ex.norm is not None:
+        cov = (f"<figcaption>{ex.norm.n_present} of the model's {ex.norm.n_model_genes} genes were measured; "
+               "expression_z is the value normalised with the training statistics, coef the Cox coefficient "
+               "for this cancer type.</figcaption>")
+    return (f"<h2>Top contributing genes</h2><div class='row'><figure><img id='genes' src='{img}' "
+            f"alt='gene contributions'>{cov}</figure><div><table>{'<tr>' + head + '</tr>'}{body}</table></div></div>")
+
+
+def _cohort(ex: Explanation) -> str:
+    if ex.cohort is None:
+        return ""
+    img = data_uri(plots.cohort_png(ex.cohort))
+    return (f"<h2>Against the training cohort</h2><figure><img id='cohort' src='{img}' alt='cohort risk'>"
+            f"<figcaption>The {_e(ex.cohort.model)} model's probability for this patient against its stored "
+            f"predictions for the {len(ex.cohort.risks)} {_e(ex.cohort.cancer_type)} training patients; "
+            "right: their observed overall survival, split at this patient's risk.</figcaption></figure>")
+
+
+def _provenance(ex: Explanation) -> str:
+    versions = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in ex.model_versions().items())
+    secs = "".join(f"<tr><td>{_e(k)}</td><td>{v:.2f} s</td></tr>" for k, v in ex.log.seconds.items())
+    return (f"<h2>Provenance</h2><div class='row'><div><table><tr><th>model</th><th>version</th></tr>{versions}"
+            f"</table></div><div><table><tr><th>step</th><th>time</th></tr>{secs}</table></div></div>"
+            f"<p class='muted'>run: {_e(ex.settings.run)}</p>")
+
+
+def render_report(ex: Explanation) -> str:
+    """The whole report as one HTML string (no external references)."""
+    parts = [_header(ex), _explanation(ex), _notes(ex), _slide(ex), _genes(ex), _cohort(ex), _provenance(ex)]
+    title = f"OncoFM report {ex.patient.patient_id}"
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>"
+            + "".join(parts) + f"</main><script>{ZOOM_JS}</script></body></html>")

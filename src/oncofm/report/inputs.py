@@ -1,0 +1,220 @@
+"""Reading one patient's input for ``oncofm explain``: a cohort patient, or an uploaded expression file.
+
+Everything here validates user input and raises :class:`~oncofm.errors.OncoFMError` with a message that
+says what to fix; nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from oncofm.cohort.schema import Col
+from oncofm.errors import OncoFMError
+from oncofm.paths import RunLayout
+
+log = logging.getLogger(__name__)
+
+EXPRESSION_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz")
+PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class PatientInput:
+    """One patient to explain (raw, un-normalised values)."""
+
+    patient_id: str
+    cancer_type: str
+    expression: pd.Series | None  # gene -> raw value, in the cohort's units; None = no omics
+    slide: Path | None  # None = no slide
+    mpp: float | None  # microns per pixel given by the user (None = read from the slide)
+    source: str  # "cohort" (a patient of the run) or "upload"
+    split: str | None = None  # the patient's split in the run, for cohort patients
+    age: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def known_cancer_types(layout: RunLayout) -> list[str]:
+    """Cancer types the run was trained on (those with normalisation statistics)."""
+    layout.require(layout.normalization, "Run `oncofm cohort split --run RUN` first.")
+    stats = pd.read_parquet(layout.normalization, columns=[Col.CANCER])
+    return sorted(t for t in stats[Col.CANCER].unique() if not str(t).startswith("__"))
+
+
+def check_cancer_type(cancer_type: str, layout: RunLayout) -> str:
+    """Return ``cancer_type`` in the run's spelling, or raise listing the known ones."""
+    known = known_cancer_types(layout)
+    lookup = {k.upper(): k for k in known}
+    key = cancer_type.strip().upper()
+    if key.startswith("TCGA-"):
+        key = key[5:]
+    if key not in lookup:
+        raise OncoFMError(f"unknown cancer type {cancer_type!r}: this run was trained on {', '.join(known)}. "
+                          "Pass --cancer-type with one of these.")
+    return lookup[key]
+
+
+def read_expression_file(path: str | Path) -> pd.Series:
+    """Read one patient's expression profile.
+
+    Accepted layouts (CSV, TSV or parquet): two columns ``gene, value`` (one row per gene, a header row
+    optional), or one row per patient with gene columns (the first row is used; a first text column is
+    taken as the patient ID). Values must be in the same units as the run's cohort (for tcga13: the
+    per-cohort RNA-seq z-scores).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OncoFMError(f"expression file {path} does not exist")
+    df = _read_table(path)
+    if df.shape[1] == 2 and not _is_numeric(df.iloc[:, 0]):
+        series = pd.Series(pd.to_numeric(df.iloc[:, 1], errors="coerce").to_numpy(),
+                           index=df.iloc[:, 0].astype(str).str.strip())
+    else:
+        if df.shape[0] == 0:
+            raise OncoFMError(f"{path}: no rows; expected one patient row with gene columns or gene,value rows")
+        first = df.iloc[0]
+        if not _is_numeric(df.iloc[:, 0]):
+            first = first.iloc[1:]
+        series = pd.to_numeric(first, errors="coerce")
+        series.index = series.index.astype(str).str.strip()
+    series = series[~series.index.duplicated()].astype(float)
+    series = series.replace([np.inf, -np.inf], np.nan)
+    if series.notna().sum() == 0:
+        raise OncoFMError(f"{path}: no numeric expression values found; expected gene,value rows or one "
+                          "patient row with gene columns")
+    series.name = "expression"
+    return series
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            return pd.read_parquet(path)
+        sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".txt")) else ","
+        df = pd.read_csv(path, sep=sep)
+        if df.shape[1] == 1 and sep == ",":  # perhaps tab-separated after all
+            df = pd.read_csv(path, sep="\t")
+        return df
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise OncoFMError(f"cannot read expression file {path}: {exc}. Expected CSV, TSV or parquet.") from None
+
+
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.to_numeric(col, errors="coerce").notna().mean() > 0.9
+
+
+def cohort_patient(layout: RunLayout, patient_id: str) -> PatientInput:
+    """A patient of the run's cohort: cancer type, raw expression row and slide (if any)."""
+    layout.require(layout.patients, "Run `oncofm cohort import --run RUN ...` first.")
+    patients = pd.read_parquet(layout.patients).set_index(Col.PATIENT)
+    if patient_id not in patients.index:
+        examples = ", ".join(patients.index[:3])
+        raise OncoFMError(f"patient {patient_id!r} is not in {layout.patients} (IDs look like {examples})")
+    cancer = str(patients.loc[patient_id, Col.CANCER])
+    expression = None
+    if layout.expression.exists():
+        expr = pd.read_parquet(layout.expression)
+        if patient_id in expr.index:
+            expression = expr.loc[patient_id].astype(float)
+    split = None
+    if layout.splits.exists():
+        sp = pd.read_parquet(layout.splits).set_index(Col.PATIENT)
+        split = str(sp.loc[patient_id, "split"]) if patient_id in sp.index else None
+    slide, mpp = cohort_slide_path(layout, patient_id)
+    age = patients.loc[patient_id].get(Col.AGE)
+    return PatientInput(patient_id=patient_id, cancer_type=cancer, expression=expression,
+                        slide=slide, mpp=mpp, source="cohort", split=split,
+                        age=float(age) if age is not None and pd.notna(age) else None)
+
+
+def cohort_slide_path(layout: RunLayout, patient_id: str) -> tuple[Path | None, float | None]:
+    """The H&E image of a cohort patient that exists on disk, with its mpp when known.
+
+    Looks first in ``images.csv`` of the import source (``patient_id, file, mpp``: the bundled demo
+    cohort's real H&E images), then in ``cohort/slides.parquet`` (``patient_id, slide_id``).
+    """
+    for row in image_table(layout).itertuples():
+        if row.patient_id == patient_id and Path(row.path).is_file():
+            return Path(row.path), (float(row.mpp) if pd.notna(row.mpp) else None)
+    if not layout.slides_table.exists():
+        return None, None
+    slides = pd.read_parquet(layout.slides_table)
+    ids = slides.loc[slides[Col.PATIENT].astype(str) == patient_id, "slide_id"].astype(str).tolist()
+    for slide_id in ids:
+        for folder in _slide_folders(layout):
+            cand = Path(slide_id) if Path(slide_id).is_absolute() else folder / slide_id
+            if cand.is_file():
+                return cand, None
+    return None, None
+
+
+def image_table(layout: RunLayout) -> pd.DataFrame:
+    """``patient_id, path, mpp`` of the real H&E images listed in the import source's ``images.csv``."""
+    src = import_source(layout)
+    if src is None or not (src / "images.csv").is_file():
+        return pd.DataFrame(columns=["patient_id", "path", "mpp"])
+    table = pd.read_csv(src / "images.csv")
+    folder = src / "images"
+    return pd.DataFrame({"patient_id": table["patient_id"].astype(str),
+                         "path": [str(folder / f) for f in table["file"].astype(str)],
+                         "mpp": pd.to_numeric(table.get("mpp"), errors="coerce")})
+
+
+def import_source(layout: RunLayout) -> Path | None:
+    """The folder the run's cohort was imported from (from its saved settings), if it is a folder."""
+    settings = layout.settings_file("cohort_import")
+    if not settings.exists():
+        return None
+    source = (yaml.safe_load(settings.read_text()) or {}).get("source")
+    return Path(source) if source and Path(source).is_dir() else None
+
+
+def _slide_folders(layout: RunLayout) -> list[Path]:
+    """Folders where relative slide IDs are looked up: the run, and the import source (+ slides/, images/)."""
+    folders = [layout.root, layout.cohort_dir]
+    src = import_source(layout)
+    if src is not None:
+        folders += [src, src / "slides", src / "images"]
+    return folders
+
+
+def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: str | Path | None,
+                    cancer_type: str | None, slide: str | Path | None, mpp: float | None) -> PatientInput:
+    """Turn the command-line choices into one :class:`PatientInput`, validating each."""
+    if patient_id and expression:
+        raise OncoFMError("give either --patient-id (a patient of the run) or --expression FILE, not both")
+    if not patient_id and not expression and not slide:
+        raise OncoFMError("nothing to explain: give --patient-id, or --expression FILE and/or --slide FILE")
+    if mpp is not None and not (0.01 <= mpp <= 100):
+        raise OncoFMError(f"--mpp {mpp} is not a plausible microns-per-pixel value (0.01–100; 0.25 = 40x, 0.5 = 20x)")
+    if patient_id:
+        patient = cohort_patient(layout, patient_id)
+        if cancer_type:
+            check = check_cancer_type(cancer_type, layout)
+            if check != patient.cancer_type:
+                raise OncoFMError(f"--cancer-type {cancer_type} contradicts the cohort record of {patient_id} "
+                                  f"({patient.cancer_type}); leave it out")
+    else:
+        if not cancer_type:
+            raise OncoFMError("--cancer-type is required with --expression/--slide (one of "
+                              f"{', '.join(known_cancer_types(layout))})")
+        patient = PatientInput(patient_id="new-patient", cancer_type=cancer_type, expression=None,
+                               slide=None, mpp=None, source="upload")
+        if expression:
+            patient.expression = read_expression_file(expression)
+            patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
+    patient.cancer_type = check_cancer_type(patient.cancer_type, layout)
+    if slide:
+        slide = Path(slide)
+        if not slide.is_file():
+            raise OncoFMError(f"slide file {slide} does not exist")
+        patient.slide = slide
+    if mpp is not None:
+        patient.mpp = float(mpp)
+    return patient

@@ -1,0 +1,227 @@
+"""The OncoFM web app: a JSON API over ``explain`` and one static page.
+
+Endpoints
+---------
+- ``GET /``: the page (static HTML with inline CSS/JS; no CDN, works offline)
+- ``GET /api/info``: the run and its cancer types
+- ``GET /api/patients``: the demo patients (cohort patients with a real H&E image)
+- ``POST /api/explain``: multipart ``patient_id`` or ``expression`` and/or ``slide`` files (+ ``cancer_type``,
+  ``mpp``); returns ``{"id": ...}`` (202)
+- ``GET /api/jobs/{id}``: status, progress, step, error, report URL
+- ``GET /api/jobs/{id}/report``, ``/heatmap.png``, ``/explanation.json``: the job's outputs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.errors import OncoFMError
+from oncofm.paths import RunLayout
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+class WebSettings(StageSettings):
+    """Settings of ``oncofm serve``."""
+
+    stage: ClassVar[str] = "serve"
+
+    run: str
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_mb: float = Field(512.0, gt=0, description="largest accepted upload (each file), MB")
+    workers: int = Field(2, ge=1, le=16, description="explanations run at the same time")
+    jobs_dir: str | None = Field(None, description="where job folders go (default: a temporary folder)")
+
+
+def demo_patients(run: str | Path) -> list[dict[str, Any]]:
+    """Cohort patients of the run that have a real H&E image on disk (the bundled demo patients)."""
+    import pandas as pd
+
+    from oncofm.cohort.schema import Col
+    from oncofm.report.inputs import image_table
+
+    layout = RunLayout(run)
+    images = image_table(layout)
+    if images.empty or not layout.patients.exists():
+        return []
+    patients = pd.read_parquet(layout.patients, columns=[Col.PATIENT, Col.CANCER]).set_index(Col.PATIENT)
+    splits = (pd.read_parquet(layout.splits).set_index(Col.PATIENT)["split"] if layout.splits.exists()
+              else pd.Series(dtype=str))
+    out = []
+    for row in images.itertuples():
+        if row.patient_id not in patients.index or not Path(row.path).is_file():
+            continue
+        out.append({"patient_id": row.patient_id, "cancer_type": str(patients.loc[row.patient_id, Col.CANCER]),
+                    "split": str(splits.get(row.patient_id, "")), "has_slide": True})
+    return sorted(out, key=lambda r: (r["cancer_type"], r["patient_id"]))
+
+
+async def _save_upload(upload: Any, target_stem: Path, max_bytes: int, kind: str) -> tuple[Path, bytes]:
+    """Stream an upload to ``target_stem`` (a server-chosen name); refuse it past ``max_bytes``."""
+    size = 0
+    head = b""
+    tmp = target_stem.with_suffix(".part")
+    with open(tmp, "wb") as fh:
+        while chunk := await upload.read(CHUNK):
+            if len(head) < 512:
+                head += chunk[: 512 - len(head)]
+            size += len(chunk)
+            if size > max_bytes:
+                fh.close()
+                tmp.unlink(missing_ok=True)
+                raise _TooLarge(f"the {kind} file is larger than the limit of {max_bytes / 2**20:.0f} MB")
+            fh.write(chunk)
+    if size == 0:
+        tmp.unlink(missing_ok=True)
+        raise OncoFMError(f"the uploaded {kind} file is empty")
+    return tmp, head
+
+
+class _TooLarge(OncoFMError):
+    pass
+
+
+async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, patient_id: str | None, cancer_type: str | None, mpp: float | None,
+                      expression: Any, slide: Any) -> dict[str, Any]:
+    """Save the uploads under server-chosen names and check their content; the job's explain settings."""
+    from oncofm.report.inputs import read_expression_file
+    from oncofm.web.jobs import slide_extension
+
+    params: dict[str, Any] = {"patient_id": patient_id or None, "cancer_type": cancer_type or None, "mpp": mpp}
+    if patient_id and patient_id not in {p["patient_id"] for p in demo_patients(settings.run)}:
+        raise OncoFMError(f"unknown demo patient {patient_id!r}")
+    inputs = job_dir / "inputs"
+    if expression is not None:
+        tmp, _ = await _save_upload(expression, inputs / "expression", max_bytes, "expression")
+        suffix = ".parquet" if (tmp.read_bytes()[:4] == b"PAR1") else ".csv"
+        if suffix == ".csv" and b"\t" in tmp.read_bytes()[:4096]:
+            suffix = ".tsv"
+        path = tmp.rename(inputs / f"expression{suffix}")
+        read_expression_file(path)  # parses, or OncoFMError saying what is wrong
+        params["expression"] = str(path)
+    if slide is not None:
+        tmp, head = await _save_upload(slide, inputs / "slide", max_bytes, "slide")
+        ext = slide_extension(head, slide.filename)
+        params["slide"] = str(tmp.rename(inputs / f"slide{ext}"))
+    return params
+
+
+def create_app(settings: WebSettings, steps: Any = None):  # noqa: ANN201 - FastAPI
+    """Build the FastAPI app for ``settings.run`` (``steps``: swappable inference steps, for tests)."""
+    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    from oncofm.report.inputs import known_cancer_types
+    from oncofm.web.jobs import JobManager
+
+    layout = RunLayout(settings.run)
+    if not layout.patients.exists():
+        raise OncoFMError(f"{settings.run} has no imported cohort; run `oncofm demo` or the pipeline first")
+    jobs_root = Path(settings.jobs_dir) if settings.jobs_dir else Path(tempfile.mkdtemp(prefix="oncofm-jobs-"))
+    manager = JobManager(settings.run, jobs_root, workers=settings.workers, steps=steps)
+    max_bytes = int(settings.max_upload_mb * 2**20)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any):  # noqa: ANN202
+        yield
+        manager.shutdown()
+
+    app = FastAPI(title="OncoFM", version="0.1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.jobs = manager
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return (resources.files("oncofm.web") / "static" / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return {"run": Path(settings.run).name, "cancer_types": known_cancer_types(layout),
+                "max_upload_mb": settings.max_upload_mb}
+
+    @app.get("/api/patients")
+    def patients() -> list[dict[str, Any]]:
+        return demo_patients(settings.run)
+
+    @app.post("/api/explain", status_code=202)
+    async def explain(patient_id: str | None = Form(None), cancer_type: str | None = Form(None),
+                      mpp: float | None = Form(None), expression: UploadFile | None = File(None),
+                      slide: UploadFile | None = File(None)) -> JSONResponse:
+        expression = expression if expression is not None and expression.filename else None
+        slide = slide if slide is not None and slide.filename else None
+        if not patient_id and expression is None and slide is None:
+            raise HTTPException(400, "choose a demo patient, or upload an expression file and/or a slide")
+        if patient_id and (expression is not None or slide is not None):
+            raise HTTPException(400, "give either a demo patient or uploaded files, not both")
+        job_id, job_dir = manager.new_job_dir()
+        try:
+            params = await _job_params(settings, max_bytes, job_dir, patient_id, cancer_type, mpp, expression, slide)
+        except _TooLarge as exc:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise HTTPException(413, str(exc)) from None
+        except OncoFMError as exc:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise HTTPException(400, str(exc)) from None
+        job = manager.submit(job_id, job_dir, params)
+        return JSONResponse(job.public(), status_code=202)
+
+    _add_job_routes(app, manager)
+    return app
+
+
+def _add_job_routes(app: Any, manager: Any) -> None:
+    """GET /api/jobs/{id} and the job's outputs (report, heatmap, explanation)."""
+    from fastapi import HTTPException
+    from fastapi.responses import FileResponse
+
+    def _job_or_404(job_id: str):  # noqa: ANN202
+        job = manager.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        return job
+
+    @app.get("/api/jobs/{job_id}")
+    def job_status(job_id: str) -> dict[str, Any]:
+        return _job_or_404(job_id).public()
+
+    def _output(job_id: str, name: str, media: str) -> FileResponse:
+        job = _job_or_404(job_id)
+        path = job.report_dir / name
+        if job.status != "done" or not path.exists():
+            raise HTTPException(404, f"{name} is not available for this job")
+        return FileResponse(path, media_type=media)
+
+    @app.get("/api/jobs/{job_id}/report")
+    def job_report(job_id: str) -> FileResponse:
+        return _output(job_id, "report.html", "text/html")
+
+    @app.get("/api/jobs/{job_id}/heatmap.png")
+    def job_heatmap(job_id: str) -> FileResponse:
+        return _output(job_id, "heatmap.png", "image/png")
+
+    @app.get("/api/jobs/{job_id}/explanation.json")
+    def job_explanation(job_id: str) -> FileResponse:
+        return _output(job_id, "explanation.json", "application/json")
+
+
+def serve(settings: WebSettings, steps: Any = None) -> None:
+    """Run the app with uvicorn (blocking)."""
+    import uvicorn
+
+    app = create_app(settings, steps=steps)
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: the app has no authentication; anyone who can reach this address can "
+                    "use it", settings.host)
+    log.info("OncoFM web app on http://%s:%d (run %s)", settings.host, settings.port, settings.run)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
