@@ -57,6 +57,11 @@ class RunLayout:
     def slides_table(self) -> Path:
         return self.cohort_dir / "slides.parquet"
 
+    @property
+    def downloads_dir(self) -> Path:
+        """Raw downloads (e.g. GDC files) kept for resuming; outside cohort/ so a failed import leaves none there."""
+        return self.root / "downloads"
+
     # --- cox / features ---
     @property
     def cox_dir(self) -> Path:

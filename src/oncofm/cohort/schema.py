@@ -61,7 +61,8 @@ def validate_patients(df: pd.DataFrame, file: str = "patients") -> pd.DataFrame:
     time = pd.to_numeric(df[Col.OS_DAYS], errors="coerce")
     bad = time.isna() | ~np.isfinite(time.fillna(0)) | (time < 0)
     if bad.any():
-        raise DataValidationError("survival times must be present, finite and >= 0", file=file,
+        raise DataValidationError("survival times must be present, finite and >= 0 (for missing ones, "
+                                  "--option missing_survival=drop leaves those patients out)", file=file,
                                   column=Col.OS_DAYS, rows=[f"{p}={v}" for p, v in
                                                             zip(pid[bad], df[Col.OS_DAYS][bad], strict=True)])
     ev = pd.to_numeric(df[Col.OS_EVENT], errors="coerce")
