@@ -30,7 +30,7 @@ figcaption{font-size:.85rem;color:#5d6d7e}
 .zoom img{transform-origin:0 0;display:block;border:0;max-width:100%}
 .patches{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 .patch{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:6px;font-size:.78rem}
-.patch img{width:100%;border-radius:4px}
+.patch img{width:100%;border-radius:4px}.patch table{width:100%;font-size:.72rem}.patch td{padding:1px 3px}
 .note{background:#eef3f8;border-left:4px solid #5d8aa8;padding:6px 10px;margin:6px 0;font-size:.9rem}
 """
 
@@ -142,7 +142,7 @@ def _patches(ex: Explanation) -> str:
         return ""
     cards = []
     for p in ex.patches:
-        m = "".join(f"<tr><td>{_e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in p.morphometrics.items())
+        m = "".join(f"<tr><td>{_e(k)}</td><td>{v:.3g}</td></tr>" for k, v in p.morphometrics.items())
         cards.append(f"<div class='patch'><img src='{data_uri(plots.patch_jpeg(p.image), 'image/jpeg')}' "
                      f"alt='patch {p.rank}'><div><b>#{p.rank}</b> attention {p.attention:.4f}<br>"
                      f"at ({p.x}, {p.y})</div><table>{m}</table></div>")

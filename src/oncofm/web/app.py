@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import Field
 
 from oncofm.config import StageSettings
@@ -120,9 +122,6 @@ async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, pati
 
 def create_app(settings: WebSettings, steps: Any = None):  # noqa: ANN201 - FastAPI
     """Build the FastAPI app for ``settings.run`` (``steps``: swappable inference steps, for tests)."""
-    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse
-
     from oncofm.report.inputs import known_cancer_types
     from oncofm.web.jobs import JobManager
 
@@ -182,9 +181,6 @@ def create_app(settings: WebSettings, steps: Any = None):  # noqa: ANN201 - Fast
 
 def _add_job_routes(app: Any, manager: Any) -> None:
     """GET /api/jobs/{id} and the job's outputs (report, heatmap, explanation)."""
-    from fastapi import HTTPException
-    from fastapi.responses import FileResponse
-
     def _job_or_404(job_id: str):  # noqa: ANN202
         job = manager.get(job_id)
         if job is None:
