@@ -385,7 +385,7 @@ def top_patches(tiled: TiledSlide, slide: SlideResult, k: int = 8, sample: int =
 # fusion
 # ----------------------------------------------------------------------------------------------------
 def build_evidence(patient: PatientInput, omics: OmicsResult | None, slide: SlideResult | None,
-                   summary: PatchSummary | None, n_genes: int = 5) -> dict[str, Any]:
+                   summary: PatchSummary | None, n_genes: int = 3) -> dict[str, Any]:
     """The patient's evidence record in the reasoning stage's format (``oncofm.fusion.evidence``).
 
     Keys: ``patient_id, cancer_type, age, omics_prob, risk_genes, protective_genes, slide_prob, image,
