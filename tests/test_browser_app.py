@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from test_report_doubles import DOUBLE_TAG, demo_run, double_steps
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,0 +1,58 @@
+"""The report: one self-contained HTML file; the heatmap puts the attention where it is; the cohort figure."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from oncofm.report import plots
+from oncofm.report.explain import ExplainSettings, explain_patient
+from oncofm.report.steps import CohortContext, TiledSlide
+from test_report_doubles import DOUBLE_TAG, demo_run, double_steps
+
+
+def test_report_is_self_contained(tmp_path):
+    out = tmp_path / "report"
+    paths = explain_patient(ExplainSettings(run=str(demo_run()), out=str(out), patient_id="TCGA-HE-7129",
+                                            patch_size=64), steps=double_steps())
+    assert set(paths) == {"report", "explanation", "heatmap"}
+    html = paths["report"].read_text()
+    srcs = re.findall(r"""\bsrc=['"]([^'"]+)""", html)
+    assert srcs and all(s.startswith("data:image/") for s in srcs), "every image is embedded"
+    assert "<link" not in html and not re.search(r"""(href|src)=['"]?(https?:)?//""", html)
+    assert "Research use only" in html and DOUBLE_TAG in html
+    assert 'id="heatmap"' in html.replace("'", '"') and 'id="patches"' in html.replace("'", '"')
+    rec = json.loads(paths["explanation"].read_text())
+    assert rec["prediction"]["source"] == "fusion LLM"
+    assert rec["slide"]["n_patches"] > 8 and len(rec["top_patches"]) == 8
+    assert set(rec["seconds"]) >= {"normalise_expression", "tile_slide", "run_slide_model", "run_fusion", "total"}
+    assert rec["evidence"]["missing"] == ["omics"] and rec["evidence"]["image"]["n_patches"] > 8
+    assert paths["heatmap"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attention_map_places_planted_patch():
+    """One patch holds most attention: its pixels get the top percentile, uncovered pixels stay clear."""
+    thumb = np.full((100, 200, 3), 230, np.uint8)
+    coords = np.array([[x, y] for y in range(0, 800, 200) for x in range(0, 1600, 200)])  # level 0 = 1600x800
+    att = np.full(len(coords), 0.01)
+    hot = 10
+    att[hot] = 1.0
+    tiled = TiledSlide(path=None, h5=None, coords=coords, patch_side_level0=100, level0_size=(1600, 800),
+                       read_level=0, read_size=100, mpp=0.5, read_mpp=0.5, thumbnail=thumb)
+    scores, covered = plots.attention_map(tiled, att / att.sum())
+    x, y = coords[hot] // 8
+    assert scores[y:y + 12, x:x + 12].min() == scores.max() == 1.0
+    assert not covered[y + 13:y + 25, x:x + 12].any()  # the gap between patches is left clear
+    assert covered.mean() < 0.3
+
+
+def test_cohort_figure_renders():
+    rng = np.random.default_rng(0)
+    risks = rng.uniform(size=120)
+    times = rng.exponential(1500, size=120) * (1.5 - risks)
+    ctx = CohortContext(cancer_type="KIRC", model="omics", patient_risk=0.7, risks=risks, times_days=times,
+                        events=rng.integers(0, 2, size=120), percentile=float((risks < 0.7).mean()))
+    png = plots.cohort_png(ctx)
+    assert png[:4] == b"\x89PNG" and len(png) > 20_000
