@@ -433,18 +433,45 @@ def _findings(summary: PatchSummary | None, names: dict[str, str]) -> list[dict[
 
 def run_fusion(evidence: dict[str, Any], omics: OmicsResult | None, slide: SlideResult | None,
                layout: RunLayout) -> FusionResult:
-    """Generate the explanation with the run's fusion LLM and parse its prediction line."""
+    """Generate the explanation with the run's fusion LLM (``oncofm.fusion``) and parse its prediction line.
+
+    The missing modality is passed as zeros with ``has_* = False`` (the fusion model's learned stand-in).
+    """
     model_dir = layout.model_dir("fusion")
     if not (model_dir / "projector.safetensors").exists():
         raise StepSkipped(f"the run has no fusion model ({model_dir}): run `oncofm train fusion`; "
                           "no generated explanation")
-    generate = _optional_import("oncofm.fusion.generate", "fusion LLM generation (oncofm.fusion.generate)")
-    model = generate.load_fusion_model(layout.root)
-    text = generate.explain(model, evidence=evidence,
-                            omics_embedding=None if omics is None else omics.embedding,
-                            slide_embedding=None if slide is None else slide.embedding)
+    train, = _optional_import_names("oncofm.fusion.train", "load_fusion_model")
+    encode_item, = _optional_import_names("oncofm.fusion.model", "encode_item")
+    generate_texts, = _optional_import_names("oncofm.fusion.generate", "generate_texts")
+    model, tokenizer, cfg = train(layout.root)
+    d_omics, d_slide = int(cfg["d_omics"]), int(cfg["d_slide"])
+    om = _embedding_or_zeros(None if omics is None else omics.embedding, d_omics, "omics")
+    sl = _embedding_or_zeros(None if slide is None else slide.embedding, d_slide, "slide")
+    item = encode_item(tokenizer, {"patient_id": evidence["patient_id"], "evidence": evidence}, om, sl,
+                       omics is not None and omics.embedding is not None,
+                       slide is not None and slide.embedding is not None, with_target=False)
+    text = generate_texts(model, tokenizer, [item], batch_size=1, progress=False)[0]
     prediction, risk = parse_prediction(text)
     return FusionResult(text=text, risk=risk, prediction=prediction, version=model_version(model_dir))
+
+
+def _optional_import_names(module: str, *names: str) -> list[Any]:
+    mod = _optional_import(module, module)
+    try:
+        return [getattr(mod, n) for n in names]
+    except AttributeError as exc:
+        raise StepSkipped(f"{module} lacks {exc}") from None
+
+
+def _embedding_or_zeros(emb: np.ndarray | None, dim: int, name: str) -> np.ndarray:
+    if emb is None:
+        return np.zeros(dim, dtype=np.float32)
+    emb = np.asarray(emb, dtype=np.float32).ravel()
+    if emb.shape[0] != dim:
+        raise OncoFMError(f"the {name} embedding has {emb.shape[0]} values; the fusion model was trained on {dim}. "
+                          "Retrain with `oncofm train fusion --redo`.")
+    return emb
 
 
 def parse_prediction(text: str) -> tuple[str | None, float | None]:
