@@ -19,6 +19,8 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
                                                "in the run cohort's units."),
         cancer_type: str | None = typer.Option(None, "--cancer-type", help="Cancer type (TCGA project, e.g. "
                                                "KIRC); required for a new patient."),
+        age: float | None = typer.Option(None, "--age", help="Age at diagnosis of a new patient (years)."),
+        sex: str | None = typer.Option(None, "--sex", help="female | male, for a new patient."),
         slide: Path | None = typer.Option(None, "--slide", help="H&E slide or image (SVS, TIFF, NDPI, MRXS, "
                                           "DICOM, JPEG, PNG...)."),
         mpp: float | None = typer.Option(None, "--mpp", help="Microns per pixel, for images that do not "
@@ -38,7 +40,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
 
         settings = ExplainSettings.build(
             run=str(run), out=str(out), patient_id=patient_id,
-            expression=None if expression is None else str(expression), cancer_type=cancer_type,
+            expression=None if expression is None else str(expression), cancer_type=cancer_type, age=age, sex=sex,
             slide=None if slide is None else str(slide), mpp=mpp, top_genes=top_genes,
             top_patches=top_patches, min_gene_fraction=min_gene_fraction)
         paths = explain_patient(settings)

@@ -45,6 +45,8 @@ class ExplainSettings(StageSettings):
     patient_id: str | None = None
     expression: str | None = Field(None, description="expression file (CSV/TSV/parquet) of a new patient")
     cancer_type: str | None = None
+    age: float | None = Field(None, ge=0, le=120, description="age at diagnosis of a new patient (years)")
+    sex: str | None = Field(None, description="female / male, for a new patient")
     slide: str | None = None
     mpp: float | None = Field(None, description="microns per pixel, for slides that do not store it")
     min_gene_fraction: float = Field(0.5, gt=0, le=1, description="share of the model's genes required")
@@ -144,7 +146,8 @@ def infer(settings: ExplainSettings, workdir: Path, steps: InferenceSteps | None
     if not layout.root.is_dir():
         raise OncoFMError(f"run directory {layout.root} does not exist (run `oncofm demo` or the pipeline first)")
     patient = resolve_patient(layout, patient_id=settings.patient_id, expression=settings.expression,
-                              cancer_type=settings.cancer_type, slide=settings.slide, mpp=settings.mpp)
+                              cancer_type=settings.cancer_type, slide=settings.slide, mpp=settings.mpp,
+                              age=settings.age, sex=settings.sex)
     ex = Explanation(patient=patient, settings=settings)
     run = _Runner(ex.log, progress)
     ex.norm = run("normalise_expression", steps.normalise_expression, patient, layout,

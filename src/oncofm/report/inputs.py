@@ -36,6 +36,7 @@ class PatientInput:
     source: str  # "cohort" (a patient of the run) or "upload"
     split: str | None = None  # the patient's split in the run, for cohort patients
     age: float | None = None
+    sex: str | None = None  # "female" / "male" / None
     notes: list[str] = field(default_factory=list)
 
 
@@ -128,9 +129,11 @@ def cohort_patient(layout: RunLayout, patient_id: str) -> PatientInput:
         split = str(sp.loc[patient_id, "split"]) if patient_id in sp.index else None
     slide, mpp = cohort_slide_path(layout, patient_id)
     age = patients.loc[patient_id].get(Col.AGE)
+    sex = patients.loc[patient_id].get(Col.SEX)
     return PatientInput(patient_id=patient_id, cancer_type=cancer, expression=expression,
                         slide=slide, mpp=mpp, source="cohort", split=split,
-                        age=float(age) if age is not None and pd.notna(age) else None)
+                        age=float(age) if age is not None and pd.notna(age) else None,
+                        sex=str(sex) if sex is not None and pd.notna(sex) else None)
 
 
 def cohort_slide_path(layout: RunLayout, patient_id: str) -> tuple[Path | None, float | None]:
@@ -184,8 +187,19 @@ def _slide_folders(layout: RunLayout) -> list[Path]:
     return folders
 
 
+def _check_sex(sex: str | None) -> str | None:
+    if sex is None or sex == "":
+        return None
+    value = sex.strip().lower()
+    value = {"f": "female", "m": "male"}.get(value, value)
+    if value not in ("female", "male"):
+        raise OncoFMError(f"--sex {sex!r}: expected female or male (or leave it out)")
+    return value
+
+
 def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: str | Path | None,
-                    cancer_type: str | None, slide: str | Path | None, mpp: float | None) -> PatientInput:
+                    cancer_type: str | None, slide: str | Path | None, mpp: float | None,
+                    age: float | None = None, sex: str | None = None) -> PatientInput:
     """Turn the command-line choices into one :class:`PatientInput`, validating each."""
     if patient_id and expression:
         raise OncoFMError("give either --patient-id (a patient of the run) or --expression FILE, not both")
@@ -205,7 +219,7 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
             raise OncoFMError("--cancer-type is required with --expression/--slide (one of "
                               f"{', '.join(known_cancer_types(layout))})")
         patient = PatientInput(patient_id="new-patient", cancer_type=cancer_type, expression=None,
-                               slide=None, mpp=None, source="upload")
+                               slide=None, mpp=None, source="upload", age=age, sex=_check_sex(sex))
         if expression:
             patient.expression = read_expression_file(expression)
             patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"

@@ -213,8 +213,8 @@ def run_omics_model(pairs: np.ndarray, norm: NormalisedExpression, patient: Pati
         raise StepSkipped(f"the run has no omics model ({model_dir}): run `oncofm train omics`")
     predict = _optional_import("oncofm.omics.predict", "omics model inference (oncofm.omics.predict)")
     model = predict.load_omics_model(layout.root)
-    out = predict.predict_patient(model, pairs=pairs, cancer_type=patient.cancer_type,
-                                  genes=list(norm.values.index))
+    out = predict.predict_patient(model, pairs=pairs, cancer_type=patient.cancer_type, age=patient.age,
+                                  sex=patient.sex, genes=list(norm.values.index))
     attributions = _attribution_table(out["attributions"], norm, patient, layout)
     return OmicsResult(prob=float(out["prob"]), embedding=np.asarray(out.get("embedding")).ravel()
                        if out.get("embedding") is not None else None,

@@ -155,7 +155,8 @@ def create_app(settings: WebSettings, steps: Any = None):  # noqa: ANN201 - Fast
 
     @app.post("/api/explain", status_code=202)
     async def explain(patient_id: str | None = Form(None), cancer_type: str | None = Form(None),
-                      mpp: float | None = Form(None), expression: UploadFile | None = File(None),
+                      mpp: float | None = Form(None), age: float | None = Form(None),
+                      sex: str | None = Form(None), expression: UploadFile | None = File(None),
                       slide: UploadFile | None = File(None)) -> JSONResponse:
         expression = expression if expression is not None and expression.filename else None
         slide = slide if slide is not None and slide.filename else None
@@ -166,6 +167,7 @@ def create_app(settings: WebSettings, steps: Any = None):  # noqa: ANN201 - Fast
         job_id, job_dir = manager.new_job_dir()
         try:
             params = await _job_params(settings, max_bytes, job_dir, patient_id, cancer_type, mpp, expression, slide)
+            params.update(age=age, sex=sex or None)
         except _TooLarge as exc:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise HTTPException(413, str(exc)) from None
