@@ -39,5 +39,5 @@ def write_qc_png(slide: SlideReader, masks: TissueMask, coords: np.ndarray, plan
         x0, y0 = x / ds, y / ds
         draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 230))
     with atomic_path(target, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=1)  # fast; QC images are not archived
     return target

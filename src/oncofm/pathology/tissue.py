@@ -5,7 +5,7 @@ Steps (all on an RGB thumbnail, typically 4–16 µm/px):
 1. **Background**: tissue is coloured, glass is white/grey. A pixel is a tissue candidate when its HSV
    saturation exceeds an Otsu threshold computed on the saturation histogram, clamped to
    ``[sat_min, sat_max]`` (so an all-tissue tile or an all-glass slide do not produce nonsense
-   thresholds), and its brightness is not near-white.
+   thresholds), or when it is dark (value < ``dark_value``) and at least slightly tinted.
 2. **Pen and ink**: blue and green marker (hue 0.42–0.72 on [0, 1], saturated, and green ≥ red — H&E
    hematoxylin and eosin are always redder than green), and black marker/debris (all channels dark) are
    marked as ink, cleaned of specks, dilated by a margin, and removed from tissue.
@@ -33,12 +33,12 @@ class TissueSettings(StageSettings):
     mask_mpp: float = Field(8.0, gt=0, description="Resolution of the tissue mask (µm/px), coarser when needed.")
     max_mask_side: int = Field(4096, ge=64, description="Longest side of the mask in pixels (memory bound).")
     sat_min: float = Field(0.04, ge=0, le=1)
-    sat_max: float = Field(0.20, ge=0, le=1)
-    white_value: float = Field(0.92, ge=0, le=1, description="Brightness above which low-saturation is glass.")
+    sat_max: float = Field(0.10, ge=0, le=1)
+    dark_value: float = Field(0.8, ge=0, le=1, description="Below this brightness, weakly tinted pixels count.")
     black_value: float = Field(0.22, ge=0, le=1, description="Max channel below this = black ink/debris.")
     ink_min_saturation: float = Field(0.30, ge=0, le=1)
     ink_margin_um: float = Field(64.0, ge=0, description="Dilation of ink marks before removal (µm).")
-    min_area_mm2: float = Field(0.005, ge=0, description="Tissue pieces smaller than this are dropped.")
+    min_area_mm2: float = Field(0.01, ge=0, description="Tissue pieces smaller than this are dropped.")
     max_hole_mm2: float = Field(0.01, ge=0, description="Holes smaller than this are filled.")
     smooth_um: float = Field(16.0, ge=0, description="Radius of the opening/closing (µm).")
 
@@ -97,7 +97,7 @@ def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | No
     except ValueError:
         thr = s.sat_min
     thr = min(max(thr, s.sat_min), s.sat_max)
-    candidate = (sat > thr) | ((val < s.white_value) & (sat > s.sat_min))
+    candidate = (sat > thr) | ((val < s.dark_value) & (sat > s.sat_min))  # saturated, or dark and tinted
 
     px_area_mm2 = (mpp / 1000.0) ** 2
     ink = ink_mask(rgb, s)
@@ -110,8 +110,11 @@ def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | No
     tissue = candidate & ~ink
     radius = int(round(s.smooth_um / mpp))
     if radius >= 1:
-        fp = morphology.disk(min(radius, 10))
-        tissue = ndi.binary_closing(ndi.binary_opening(tissue, structure=fp), structure=fp)
+        r = min(radius, 10)
+        fp = morphology.disk(r)
+        padded = np.pad(tissue, 2 * r, mode="reflect")  # no erosion artefacts at the image border
+        padded = ndi.binary_closing(ndi.binary_opening(padded, structure=fp), structure=fp)
+        tissue = padded[2 * r:-2 * r, 2 * r:-2 * r]
     max_hole_px = int(round(s.max_hole_mm2 / px_area_mm2))
     if max_hole_px > 0:
         tissue = morphology.remove_small_holes(tissue, max_size=max_hole_px)
