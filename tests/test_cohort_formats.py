@@ -112,14 +112,16 @@ OPTIONS = {"patient_id": "sample", "cancer_type": "project", "os_days": "months"
 
 
 @pytest.mark.parametrize("orientation,suffix", [("genes-as-columns", ".csv"), ("genes-as-rows", ".tsv"),
-                                                ("genes-as-rows", ".parquet")])
+                                                ("genes-as-rows", ".parquet"), ("genes-as-columns", ".parquet")])
 def test_generic_detects_orientation(tmp_path, real_subset, orientation, suffix):
     pick, z = real_subset
     clin = tmp_path / "clinical.csv"
     _clinical(pick).to_csv(clin, index=False)
     table = z.rename_axis("id") if orientation == "genes-as-columns" else z.T.rename_axis("gene")
     src = tmp_path / f"expr{suffix}"
-    if suffix == ".parquet":
+    if suffix == ".parquet" and orientation == "genes-as-columns":
+        table.to_parquet(src)  # the patient IDs saved as a pandas index
+    elif suffix == ".parquet":
         table.reset_index().to_parquet(src, index=False)
     else:
         table.to_csv(src, sep="," if suffix == ".csv" else "\t")

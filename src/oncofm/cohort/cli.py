@@ -14,14 +14,28 @@ def import_cmd(
     format: str = typer.Option(..., "--format", "-f", help="tcga13 | firehose | generic | gdc"),
     source: str = typer.Option(..., "--source", "-s", help="Folder or file to read (gdc: project ID, e.g. TCGA-BRCA)."),
     run: Path = typer.Option(..., "--run", "-r", help="Run directory to write into."),
-    clinical: str | None = typer.Option(None, help="Clinical table (firehose: the TCGA-CDR CSV)."),
+    clinical: str | None = typer.Option(None, help="Clinical table (firehose: the TCGA-CDR CSV; generic: any, see --option)."),
     config: Path | None = typer.Option(None, help="YAML with settings (e.g. a generic column mapping)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Format-specific KEY=VALUE (repeatable)."),
-    log_transform: str = typer.Option("auto", help="auto | yes | no: log2(x+1) counts-like values."),
+    log_transform: str | None = typer.Option(
+        None, help="auto | yes | no: log2(x+1) of counts-like values (default auto: non-negative with max > 100)."),
     no_multiomics: bool = typer.Option(False, help="Skip copy number and mutations."),
     redo: bool = typer.Option(False, help="Re-import even if the run already has this cohort."),
 ) -> None:
-    """Import a cohort (patients, expression, CNV, mutations) into RUN/cohort/."""
+    """Import a cohort (patients, expression, CNV, mutations) into RUN/cohort/.
+
+    \b
+    Formats (details in docs/cohort.md):
+      tcga13    folder: patients.csv, expression_zscore.csv.gz, multiomics/
+      firehose  Firehose RSEM_genes_normalized file(s) + --clinical TCGA-CDR
+      generic   expression CSV/TSV/parquet + --clinical; map columns with
+                -o patient_id=.. -o os_days=.. -o os_event=.. or --config
+      gdc       --source TCGA-BRCA (a GDC project); -o base_url=.. max_files=..
+
+    Everything is validated before anything is written: a bad input stops
+    with one message naming the file, column and offending rows.
+    """
+
     from oncofm.cohort.importing import ImportSettings, import_cohort
     from oncofm.errors import OncoFMError
 
@@ -31,8 +45,9 @@ def import_cmd(
             raise OncoFMError(f"--option expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         opts[key.strip()] = value.strip()
+    # flags left at their defaults do not override a --config file (None is dropped by from_yaml/build)
     values = dict(format=format, source=source, run=str(run), clinical=clinical, log_transform=log_transform,
-                  include_multiomics=not no_multiomics, redo=redo)
+                  include_multiomics=False if no_multiomics else None, redo=True if redo else None)
     if config is not None:
         settings = ImportSettings.from_yaml(config, **values)
         if opts:

@@ -65,10 +65,6 @@ def _options(raw: dict) -> dict[str, str | None]:
 def _header(path: Path) -> list[str]:
     """The header cells as written (pandas renames duplicates to ``X.1``, hiding them)."""
     kind = table_kind(path)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", newline="") as fh:
         line = fh.readline()
@@ -128,8 +124,14 @@ def read_clinical(path: str | Path, opts: dict, notes: list[str]) -> pd.DataFram
 def read_expression(path: str | Path, opts: dict, clinical_ids: set[str], notes: list[str]) -> pd.DataFrame:
     """The expression table as patients × genes (values as in the file), orientation detected or given."""
     path = Path(path)
-    header = _header(path)
-    table = read_table(path, what="expression table", dtype={0: str} if table_kind(path) != "parquet" else None)
+    if table_kind(path) == "parquet":
+        table = read_table(path, what="expression table")
+        if not isinstance(table.index, pd.RangeIndex):  # a pandas index saved in the file
+            table = table.reset_index()
+        header = [str(c) for c in table.columns]
+    else:
+        header = _header(path)
+        table = read_table(path, what="expression table", dtype={0: str})
     id_col = opts["id_column"] or table.columns[0]
     if id_col not in table.columns:
         raise DataValidationError(f"ID column {id_col!r} not found; found {list(table.columns)[:8]}",
