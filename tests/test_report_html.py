@@ -10,7 +10,7 @@ import numpy as np
 from oncofm.report import plots
 from oncofm.report.explain import ExplainSettings, explain_patient
 from oncofm.report.steps import CohortContext, TiledSlide
-from test_report_doubles import DOUBLE_TAG, demo_run, double_steps
+from test_report_doubles import DOUBLE_TAG, demo_run, double_steps, run_with_double_omics_predictions
 
 
 def test_report_is_self_contained(tmp_path):
@@ -56,3 +56,20 @@ def test_cohort_figure_renders():
                         events=rng.integers(0, 2, size=120), percentile=float((risks < 0.7).mean()))
     png = plots.cohort_png(ctx)
     assert png[:4] == b"\x89PNG" and len(png) > 20_000
+
+
+def test_full_report_has_every_section(tmp_path):
+    """With (labelled) doubles for every model: genes chart, cohort histogram + KM, heatmap, patches, text."""
+    run = run_with_double_omics_predictions(tmp_path)
+    out = tmp_path / "full"
+    paths = explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id="TCGA-HE-7129", patch_size=64),
+                            steps=double_steps(omics=True))
+    html = paths["report"].read_text().replace("'", '"')
+    for section in ('id="explanation"', 'id="heatmap"', 'id="thumbnail"', 'id="patches"', 'id="genes"',
+                    'id="cohort"', 'id="notice"'):
+        assert section in html, section
+    rec = json.loads(paths["explanation"].read_text())
+    assert rec["evidence"]["missing"] == [] and len(rec["evidence"]["risk_genes"]) == 3
+    assert rec["cohort"]["model"] == "omics" and rec["cohort"]["n_train"] > 100
+    assert 0 <= rec["cohort"]["percentile"] <= 1
+    assert rec["top_genes"][0]["gene"] in rec["text"] or rec["evidence"]["risk_genes"][0]["gene"] in rec["text"]

@@ -28,7 +28,7 @@ figure img{max-width:100%;border:1px solid #e1e4e8;border-radius:4px;background:
 figcaption{font-size:.85rem;color:#5d6d7e}
 .zoom{overflow:hidden;border:1px solid #e1e4e8;border-radius:4px;cursor:grab;background:#fff}
 .zoom img{transform-origin:0 0;display:block;border:0;max-width:100%}
-.patches{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
+.patches{display:grid;grid-template-columns:repeat(auto-fill,minmax(215px,1fr));gap:10px}
 .patch{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:6px;font-size:.78rem}
 .patch img{width:100%;border-radius:4px}.patch table{width:100%;font-size:.72rem}.patch td{padding:1px 3px}
 .note{background:#eef3f8;border-left:4px solid #5d8aa8;padding:6px 10px;margin:6px 0;font-size:.9rem}
