@@ -63,12 +63,14 @@ class PatchAugment:
             k = int(torch.randint(0, 4, ()))
             if k:
                 x = torch.rot90(x, k, dims=(-2, -1))
-        x = x * self._factor(self.brightness)
-        gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])  # (S, S)
-        c = self._factor(self.contrast)
-        x = (x - gray.mean()) * c + gray.mean()
-        s = self._factor(self.saturation)
-        x = (x - gray) * s + gray
+        if self.brightness > 0:
+            x = x * self._factor(self.brightness)
+        if self.contrast > 0 or self.saturation > 0:
+            gray = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # (S, S)
+            if self.contrast > 0:
+                x = (x - gray.mean()) * self._factor(self.contrast) + gray.mean()
+            if self.saturation > 0:
+                x = (x - gray) * self._factor(self.saturation) + gray
         if self.hue > 0:
             x = _rotate_hue(x, float((torch.rand(()) * 2 - 1) * self.hue))
         return x.clamp(0, 1).contiguous()
