@@ -60,12 +60,12 @@ def stage_summary(run: Path, redo: bool) -> None:
 
 
 def stage_cox(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.survival.screen", "CoxSettings", "run_cox")
+    settings_cls, fn = _need("oncofm.survival.cox_stage", "CoxSettings", "run_cox")
     fn(settings_cls.build(run=str(run), redo=redo))
 
 
 def stage_features(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.omics.features", "FeatureSettings", "build_features")
+    settings_cls, fn = _need("oncofm.omics.features", "FeatureSettings", "run_features")
     fn(settings_cls.build(run=str(run), redo=redo))
 
 
