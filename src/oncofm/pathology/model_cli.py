@@ -1,17 +1,65 @@
-"""Command-line commands of this stage (registered into the root app)."""
+"""``oncofm train slide`` and ``oncofm heatmap`` (the slide model, issue 6)."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from oncofm.errors import OncoFMError
+import typer
 
 
 def register(app: typer.Typer, train_app: typer.Typer) -> None:
-    @train_app.command("slide", help="Train the Swin + attention-MIL slide model (issue 6).")
-    def _slide_train() -> None:
-        raise OncoFMError("`train slide` is not implemented yet")
+    @train_app.command("slide")
+    def _slide_train(
+        run: Path = typer.Option(..., "--run", "-r", help="Run directory (cohort/slides.parquet + tiles/)."),
+        encoder: str | None = typer.Option(None, help="Patch encoder: swin-cpu (default), swin-tiny, swin-small, "
+                                                      "swin-base, efficientnet-lite0."),
+        encoder_weights: Path | None = typer.Option(None, help="Local pretrained encoder weights (HF Swin "
+                                                               "folder, .safetensors or .pt)."),
+        aggregator: str | None = typer.Option(None, help="gated-attention (default) | mean."),
+        mode: str | None = typer.Option(None, help="features (frozen encoder, cached; default) | end-to-end."),
+        bag_size: int | None = typer.Option(None, help="Patches sampled per slide per step (end-to-end)."),
+        epochs: int | None = typer.Option(None, help="Maximum epochs."),
+        lr: float | None = typer.Option(None, help="Learning rate."),
+        slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="Level-0 µm/px of slides without it."),
+        config: Path | None = typer.Option(None, help="YAML with SlideTrainSettings (flags override it)."),
+        redo: bool = typer.Option(False, help="Retrain even if the outputs are up to date."),
+    ) -> None:
+        """Train the slide model (patch encoder + attention MIL) from slide-level 5-year labels.
 
-    @app.command("heatmap", help="Draw attention heatmaps over a slide (issue 6).")
-    def _heatmap() -> None:
-        raise OncoFMError("`heatmap` is not implemented yet")
+        Writes RUN/models/slide/: model.safetensors, config.yaml, metrics.json (slide AUC + 95% CI
+        per split, with counts), predictions.parquet, embeddings.parquet (per patient),
+        attention/<slide>.parquet. Needs `oncofm tile ... --out RUN/tiles` first.
+        """
+        from oncofm.pathology.slide_train import SlideTrainSettings, train_slide_model
+        from oncofm.training import TrainSettings
+
+        values = dict(run=str(run), encoder=encoder, aggregator=aggregator, mode=mode, bag_size=bag_size,
+                      slide_mpp=slide_mpp, encoder_weights=str(encoder_weights) if encoder_weights else None,
+                      redo=True if redo else None)
+        settings = (SlideTrainSettings.from_yaml(config, **values) if config
+                    else SlideTrainSettings.build(**values))
+        overrides = {k: v for k, v in dict(epochs=epochs, lr=lr).items() if v is not None}
+        if overrides:
+            settings.train = TrainSettings.build(**{**settings.train.model_dump(), **overrides})
+        for name, path in train_slide_model(settings).items():
+            typer.echo(f"{name}: {path}")
+
+    @app.command("heatmap")
+    def _heatmap(
+        run: Path = typer.Option(..., "--run", "-r", help="Run directory with a trained slide model."),
+        slide: list[str] = typer.Option([], "--slide", "-s", help="Slide stem(s); default: every slide."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default "
+                                                                  "RUN/models/slide/heatmaps)."),
+        top_k: int = typer.Option(8, help="Patches in the top-attention gallery (0: none)."),
+        blur: float = typer.Option(0.0, help="Gaussian blur, in patch widths."),
+        thumb_size: int = typer.Option(1536, help="Longer side of the thumbnail in pixels."),
+        cmap: str = typer.Option("inferno", help="Matplotlib colour map."),
+        alpha: float = typer.Option(0.55, help="Opacity of the colours over tissue."),
+    ) -> None:
+        """Draw the slide model's attention over each slide's thumbnail, plus a gallery of the most
+        attended patches with the Swin's own attention inside them."""
+        from oncofm.pathology.heatmap import HeatmapSettings, heatmaps_for_run
+
+        settings = HeatmapSettings.build(top_k=top_k, blur=blur, thumb_size=thumb_size, cmap=cmap, alpha=alpha)
+        for path in heatmaps_for_run(run, slide or None, settings, out):
+            typer.echo(str(path))

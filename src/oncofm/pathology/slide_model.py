@@ -1,0 +1,227 @@
+"""The slide model: patch encoder (optional) + MIL aggregator + a linear head, trained from slide labels.
+
+Two ways of feeding it, one model class:
+
+- **features** (frozen encoder): patch features are computed once per slide (:func:`extract_features`,
+  cached in HDF5) and :class:`FeatureBagDataset` serves bags of features (B, N, D); only the aggregator and
+  head train — fast, for large cohorts.
+- **end-to-end**: :class:`PatchBagDataset` samples ``k`` patches of a slide per step (B, k, 3, S, S); the
+  encoder trains with the aggregator.
+
+Both go through :func:`oncofm.training.fit` with :class:`SlideTask` (binary cross-entropy on the slide label;
+validation loss and AUC).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from oncofm.errors import OncoFMError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FeatureBagDataset", "PatchBagDataset", "SlideClassifier", "SlideOutput", "SlideTask",
+           "collate_bags", "extract_features", "load_features", "predict_bags"]
+
+
+@dataclass
+class SlideOutput:
+    logit: torch.Tensor  # (B,)
+    embedding: torch.Tensor  # (B, H) slide embedding before the head
+    attention: torch.Tensor  # (B, N) sums to 1 over each slide's real patches
+    patch_logits: torch.Tensor  # (B, N) the head applied to each projected patch (instance scores)
+
+
+class SlideClassifier(nn.Module):
+    """``encoder`` (optional; None when fed cached features) → ``aggregator`` → linear head."""
+
+    def __init__(self, aggregator: nn.Module, encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.aggregator = aggregator
+        self.head = nn.Linear(aggregator.out_dim, 1)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, N, 3, S, S) patches → (B, N, D) features (only real patches go through the encoder)."""
+        if self.encoder is None:
+            raise OncoFMError("this slide model has no encoder; feed it cached features (B, N, D)")
+        b, n = x.shape[:2]
+        flat = x.flatten(0, 1)  # (B*N, 3, S, S)
+        keep = mask.flatten() if mask is not None else torch.ones(b * n, dtype=torch.bool, device=x.device)
+        feats = torch.zeros(b * n, self.encoder.dim, device=x.device, dtype=torch.float32)
+        feats[keep] = self.encoder(flat[keep]).float()
+        return feats.view(b, n, -1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> SlideOutput:
+        feats = self.encode(x, mask) if x.ndim == 5 else x  # (B, N, D)
+        embedding, attention = self.aggregator(feats, mask)
+        logit = self.head(embedding).squeeze(-1)
+        patch_logits = self.head(self.aggregator.project(feats)).squeeze(-1)  # (B, N)
+        return SlideOutput(logit=logit, embedding=embedding, attention=attention, patch_logits=patch_logits)
+
+
+# --------------------------------------------------------------------------------------------------------
+# data
+class FeatureBagDataset(torch.utils.data.Dataset):
+    """Bags of cached features. ``bags[i]``: (N_i, D) array; ``sample``: draw this many patches per call
+    (random subset, for training) instead of the whole bag."""
+
+    def __init__(self, bags: Sequence[np.ndarray], labels: Sequence[float], sample: int | None = None) -> None:
+        if len(bags) != len(labels):
+            raise ValueError(f"{len(bags)=} differs from {len(labels)=}")
+        self.bags = [torch.as_tensor(np.asarray(b, dtype=np.float32)) for b in bags]
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+        self.sample = sample
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = self.bags[i]
+        if self.sample and len(x) > self.sample:
+            x = x[torch.randperm(len(x))[: self.sample]]
+        return {"x": x, "y": self.labels[i], "index": i}
+
+
+class PatchBagDataset(torch.utils.data.Dataset):
+    """End-to-end bags: ``k`` random patches (k, 3, S, S) in [0, 1] of a tiled slide per call.
+
+    ``tiles``: paths of ``tiles/<slide>.h5`` files (docs/CONTRACTS.md). The slide is opened lazily, once per
+    worker process.
+    """
+
+    def __init__(self, tiles: Sequence[str | Path], labels: Sequence[float], k: int = 16,
+                 slide_mpp: float | None = None) -> None:
+        from oncofm.pathology.tiling import load_grid
+
+        self.grids = [load_grid(p) for p in tiles]
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+        self.k = int(k)
+        self.slide_mpp = slide_mpp
+        self._open: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        grid = self.grids[i]
+        if i not in self._open:
+            self._open[i] = grid.open(self.slide_mpp)
+        idx = torch.randperm(len(grid))[: self.k].sort().values.numpy()
+        patches = np.stack([grid.read(self._open[i], int(j)) for j in idx])  # (k, S, S, 3) uint8
+        x = torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255.0  # (k, 3, S, S)
+        return {"x": x, "y": self.labels[i], "index": i}
+
+
+def collate_bags(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Pad bags to the longest: ``x`` (B, N, ...), ``mask`` (B, N) bool, ``y`` (B,), ``index`` (B,)."""
+    n = max(len(it["x"]) for it in items)
+    first = items[0]["x"]
+    x = torch.zeros((len(items), n, *first.shape[1:]), dtype=first.dtype)
+    mask = torch.zeros((len(items), n), dtype=torch.bool)
+    for b, it in enumerate(items):
+        x[b, : len(it["x"])] = it["x"]
+        mask[b, : len(it["x"])] = True
+    return {"x": x, "mask": mask, "y": torch.stack([torch.as_tensor(it["y"]) for it in items]).float(),
+            "index": torch.as_tensor([it["index"] for it in items])}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the task for the shared training loop
+class SlideTask:
+    """Binary cross-entropy on the slide label; validation: ``val_loss`` and ``val_auc``."""
+
+    def __init__(self, pos_weight: float | None = None) -> None:
+        self.pos_weight = pos_weight
+
+    def _loss(self, logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logit.device)
+        return nn.functional.binary_cross_entropy_with_logits(logit, y.to(logit.device), pos_weight=pw)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(batch["x"], batch["mask"])
+        return self._loss(out.logit, batch["y"])
+
+    def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+        from oncofm.survival.metrics import auc_score
+
+        device = next(model.parameters()).device
+        logits, ys = [], []
+        for batch in loader:
+            out = model(batch["x"].to(device), batch["mask"].to(device))
+            logits.append(out.logit.float().cpu())
+            ys.append(batch["y"].float())
+        logit, y = torch.cat(logits), torch.cat(ys)
+        return {"val_loss": float(self._loss(logit, y)), "val_auc": auc_score(y.numpy(), logit.numpy())}
+
+
+@torch.no_grad()
+def predict_bags(model: SlideClassifier, dataset: torch.utils.data.Dataset, batch_size: int = 8
+                 ) -> list[dict[str, np.ndarray | float]]:
+    """Per slide: ``prob``, ``logit``, ``embedding`` (H,), ``attention`` (N,), ``patch_logits`` (N,)."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_bags)
+    results: list[dict[str, np.ndarray | float]] = []
+    for batch in loader:
+        out = model(batch["x"].to(device), batch["mask"].to(device))
+        for b in range(len(batch["y"])):
+            n = int(batch["mask"][b].sum())
+            results.append({"logit": float(out.logit[b]), "prob": float(torch.sigmoid(out.logit[b])),
+                            "embedding": out.embedding[b].cpu().numpy(),
+                            "attention": out.attention[b, :n].cpu().numpy(),
+                            "patch_logits": out.patch_logits[b, :n].cpu().numpy()})
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------
+# frozen-encoder feature caching
+def extract_features(encoder: nn.Module, tiles_h5: str | Path, out_h5: str | Path, *, batch_size: int = 64,
+                     slide_mpp: float | None = None, redo: bool = False, encoder_name: str = "") -> Path:
+    """Encode every patch of a tiled slide once and cache ``features`` (N, D) float16 + ``coords`` in HDF5.
+
+    Skips the slide when ``out_h5`` exists for the same encoder and patch count (unless ``redo``).
+    """
+    import h5py
+
+    from oncofm.io import atomic_path
+    from oncofm.pathology.tiling import load_grid
+
+    out_h5 = Path(out_h5)
+    grid = load_grid(tiles_h5)
+    if out_h5.exists() and not redo:
+        with h5py.File(out_h5, "r") as f:
+            if f.attrs.get("encoder") == encoder_name and len(f["features"]) == len(grid):
+                return out_h5
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    feats = np.zeros((len(grid), encoder.dim), np.float16)
+    with grid.open(slide_mpp) as slide, torch.no_grad():
+        for start in range(0, len(grid), batch_size):
+            idx = range(start, min(start + batch_size, len(grid)))
+            patches = np.stack([grid.read(slide, i) for i in idx])  # (b, S, S, 3) uint8
+            x = torch.from_numpy(patches).permute(0, 3, 1, 2).float().div_(255.0).to(device)
+            feats[start:start + len(idx)] = encoder(x).float().cpu().numpy()
+    with atomic_path(out_h5, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=feats)
+        f.create_dataset("coords", data=grid.coords)
+        f.attrs["encoder"] = encoder_name
+        f.attrs["tiles"] = str(Path(tiles_h5).resolve())
+        f.attrs["patch_level0_size"] = int(grid.attrs["level0_size"])
+    return out_h5
+
+
+def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, coords (N, 2) int64) of a cached feature file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["features"][:].astype(np.float32), f["coords"][:]

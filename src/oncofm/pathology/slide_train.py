@@ -1,0 +1,228 @@
+"""``oncofm train slide``: train the slide model of a run from slide-level 5-year labels.
+
+Inputs (docs/CONTRACTS.md): ``cohort/slides.parquet`` (patient_id, slide_id), ``cohort/patients.parquet``
+(the 5-year label), ``cohort/splits.parquet`` and ``tiles/<slide_stem>.h5`` from ``oncofm tile``.
+
+Writes ``models/slide/``: ``model.safetensors``, ``config.yaml``, ``metrics.json`` (slide AUC with a
+bootstrap 95 % CI per split, and the counts it rests on), ``predictions.parquet``, ``embeddings.parquet``
+(per patient: the mean of the patient's slide embeddings before the head), ``attention/<slide>.parquet``
+(x, y, attention; sums to 1), ``features/`` (the cached patch features), ``training/`` (history, best
+weights). Slides of censored-before-5-years patients have no label: they are not trained on and not in the
+AUC, but get predictions, embeddings and attention.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.errors import OncoFMError
+from oncofm.training import TrainSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SlideTrainSettings", "load_slide_model", "train_slide_model"]
+
+#: Below this many labelled test slides per class an AUC says little; metrics.json says so.
+MIN_PER_CLASS = 10
+
+
+def _default_train() -> TrainSettings:
+    return TrainSettings(epochs=40, batch_size=4, lr=5e-4, weight_decay=1e-2, patience=10)
+
+
+class SlideTrainSettings(StageSettings):
+    """Settings of ``oncofm train slide``."""
+
+    stage: ClassVar[str] = "slide_model"
+
+    run: str = Field(..., description="run directory")
+    encoder: str = Field("swin-cpu", description="patch encoder (oncofm.pathology.encoders registry)")
+    encoder_weights: str | None = Field(None, description="local pretrained weights for the encoder")
+    aggregator: str = Field("gated-attention", description="gated-attention | mean")
+    mode: Literal["features", "end-to-end"] = Field(
+        "features", description="features: frozen encoder, features cached once; end-to-end: train the "
+                                "encoder too on bags of --bag-size sampled patches")
+    bag_size: int = Field(16, ge=1, description="patches sampled per slide per step (end-to-end)")
+    max_patches: int = Field(512, ge=1, description="patches sampled per slide per step (features mode)")
+    hidden: int = Field(128, ge=4)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    feature_batch: int = Field(64, ge=1)
+    slide_mpp: float | None = Field(None, gt=0, description="level-0 µm/px for slides without metadata")
+    years: float = Field(5.0, gt=0)
+    redo: bool = False
+    train: TrainSettings = Field(default_factory=_default_train)
+
+
+def _slide_table(settings: SlideTrainSettings) -> pd.DataFrame:
+    """slides.parquet joined with split, label and tiles path; slides without tiles dropped (logged)."""
+    from oncofm.cohort.schema import five_year_labels
+    from oncofm.pathology.reader import slide_stem
+    from oncofm.paths import RunLayout
+
+    layout = RunLayout(settings.run)
+    slides = pd.read_parquet(layout.require(layout.slides_table, "Import a cohort with slides (`oncofm cohort "
+                                                                "import`) or write cohort/slides.parquet."))
+    missing_cols = {"patient_id", "slide_id"} - set(slides.columns)
+    if missing_cols:
+        raise OncoFMError(f"{layout.slides_table} lacks columns {sorted(missing_cols)}")
+    patients = pd.read_parquet(layout.require(layout.patients, "Run `oncofm cohort import` first."))
+    splits = pd.read_parquet(layout.require(layout.splits, "Run `oncofm cohort split` first."))
+    labels = five_year_labels(patients, settings.years)
+    table = slides[["patient_id", "slide_id"]].copy()
+    table["stem"] = [slide_stem(s) for s in table["slide_id"].astype(str)]
+    table["tiles"] = [layout.tiles_dir / f"{s}.h5" for s in table["stem"]]
+    table["split"] = table["patient_id"].map(splits.set_index("patient_id")["split"])
+    table["label"] = table["patient_id"].map(labels)
+    has_tiles = table["tiles"].map(Path.exists)
+    if not has_tiles.any():
+        raise OncoFMError(f"none of the {len(table)} slides in {layout.slides_table} has tiles in "
+                          f"{layout.tiles_dir}; run `oncofm tile SLIDES --out {layout.tiles_dir}` first")
+    if (~has_tiles).any():
+        log.warning("%d of %d slides have no tiles (failed or not tiled) and are left out: %s",
+                    int((~has_tiles).sum()), len(table), ", ".join(table.loc[~has_tiles, "stem"].head(5)))
+    return table[has_tiles].reset_index(drop=True)
+
+
+def _build_model(settings: SlideTrainSettings, with_encoder: bool) -> tuple[Any, Any]:
+    from oncofm.pathology.encoders import create_encoder
+    from oncofm.pathology.mil import create_aggregator
+    from oncofm.pathology.slide_model import SlideClassifier
+
+    kw = {"weights": settings.encoder_weights} if settings.encoder_weights else {}
+    encoder = create_encoder(settings.encoder, **kw)
+    aggregator = create_aggregator(settings.aggregator, encoder.dim, hidden=settings.hidden,
+                                   dropout=settings.dropout)
+    return SlideClassifier(aggregator, encoder if with_encoder else None), encoder
+
+
+def _auc_block(y: np.ndarray, prob: np.ndarray, seed: int) -> dict[str, Any]:
+    from oncofm.survival.metrics import bootstrap_auc
+
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    auc, lo, hi = bootstrap_auc(y, prob, n_boot=2000, seed=seed) if len(y) else (float("nan"),) * 3
+    block: dict[str, Any] = {"n_slides": int(len(y)), "n_positive": n_pos, "n_negative": n_neg, "auc": auc,
+                             "auc_ci95": [lo, hi]}
+    if min(n_pos, n_neg) < MIN_PER_CLASS:
+        block["note"] = (f"only {n_pos} slides of patients who died within 5 years and {n_neg} who lived "
+                         f"beyond: too few to measure outcome prediction (need ≥{MIN_PER_CLASS} per class); "
+                         "see bench/slide_mil.py for what this model measurably learns")
+    return block
+
+
+def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> dict[str, Path]:
+    """Train (or reuse) the slide model of ``settings.run``; returns the written paths."""
+    import torch
+    from safetensors.torch import save_file
+
+    from oncofm.io import write_json, write_parquet
+    from oncofm.pathology.slide_model import (
+        FeatureBagDataset,
+        PatchBagDataset,
+        SlideTask,
+        collate_bags,
+        extract_features,
+        load_features,
+        predict_bags,
+    )
+    from oncofm.paths import RunLayout
+    from oncofm.training import fit
+
+    layout = RunLayout(settings.run)
+    out = layout.model_dir("slide")
+    paths = {"weights": out / "model.safetensors", "config": out / "config.yaml", "metrics": out / "metrics.json",
+             "predictions": out / "predictions.parquet", "embeddings": out / "embeddings.parquet",
+             "attention": out / "attention"}
+    if not settings.redo and paths["metrics"].exists() and settings.same_as_saved(paths["config"], ("redo",)):
+        log.info("slide model in %s is up to date (use --redo to retrain)", out)
+        return paths
+    table = _slide_table(settings)
+    labelled = table[table["label"].notna()]
+    train_rows = labelled[labelled["split"] == "train"]
+    if train_rows["label"].nunique() < 2:
+        raise OncoFMError(f"the training split has {len(train_rows)} labelled slides with "
+                          f"{train_rows['label'].nunique()} class(es); the slide model needs slides of both "
+                          "5-year outcomes in the training split (add slides or patients)")
+    train_settings = settings.train.model_copy(update={"progress": progress and settings.train.progress})
+    val_rows = labelled[labelled["split"] == "val"]
+    if val_rows["label"].nunique() < 1 or len(val_rows) == 0:
+        log.warning("no labelled validation slides: epochs are selected on the training loss")
+        train_settings = train_settings.model_copy(update={"monitor": "train_loss", "mode": "min"})
+    torch.manual_seed(settings.train.seed)
+    model, encoder = _build_model(settings, with_encoder=settings.mode == "end-to-end")
+    feat_dir = out / "features" / settings.encoder
+
+    if settings.mode == "end-to-end":
+        train_ds = PatchBagDataset(train_rows["tiles"].tolist(), train_rows["label"].tolist(), settings.bag_size,
+                                   settings.slide_mpp)
+        val_ds = (PatchBagDataset(val_rows["tiles"].tolist(), val_rows["label"].tolist(), settings.bag_size,
+                                  settings.slide_mpp) if len(val_rows) else None)
+        fit(model, train_ds, val_ds, SlideTask(), train_settings, out / "training", collate_fn=collate_bags)
+        encoder = model.encoder
+        feat_dir = out / "features" / f"{settings.encoder}-finetuned"
+    from oncofm.logging_utils import track
+
+    feats = {}
+    for row in track(list(table.itertuples()), "encoding slides", enabled=progress):
+        h5 = extract_features(encoder, row.tiles, feat_dir / f"{row.stem}.h5", batch_size=settings.feature_batch,
+                              slide_mpp=settings.slide_mpp, encoder_name=str(feat_dir.name),
+                              redo=settings.redo or settings.mode == "end-to-end")
+        feats[row.stem] = load_features(h5)
+
+    def bags(rows: pd.DataFrame, sample: int | None) -> FeatureBagDataset:
+        return FeatureBagDataset([feats[s][0] for s in rows["stem"]], rows["label"].fillna(0).tolist(), sample)
+
+    if settings.mode == "features":
+        fit(model, bags(train_rows, settings.max_patches), bags(val_rows, None) if len(val_rows) else None,
+            SlideTask(), train_settings, out / "training", collate_fn=collate_bags)
+    model.encoder = None  # aggregator + head over the cached features of every patch
+    preds = predict_bags(model, bags(table, None))
+    model.encoder = encoder  # saved with the model, so heatmaps and new slides use the same features
+
+    table["prob"] = [p["prob"] for p in preds]
+    write_parquet(table[["patient_id", "slide_id", "split", "prob"]], paths["predictions"], index=False)
+    emb = pd.DataFrame(np.stack([p["embedding"] for p in preds]), index=table["patient_id"])
+    emb = emb.groupby(level=0).mean()
+    emb.columns = [f"e{i}" for i in range(emb.shape[1])]
+    emb.index.name = "patient_id"
+    write_parquet(emb.astype(np.float32), paths["embeddings"])
+    for row, p in zip(table.itertuples(), preds, strict=True):
+        coords = feats[row.stem][1]
+        write_parquet(pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "attention": p["attention"]}),
+                      paths["attention"] / f"{row.stem}.parquet", index=False)
+    metrics: dict[str, Any] = {"encoder": settings.encoder, "aggregator": settings.aggregator,
+                               "mode": settings.mode, "n_slides": int(len(table)),
+                               "n_unlabelled_slides": int(table["label"].isna().sum())}
+    for split in ("train", "val", "test"):
+        rows = table[(table["split"] == split) & table["label"].notna()]
+        metrics[split] = _auc_block(rows["label"].to_numpy(float), rows["prob"].to_numpy(float),
+                                    settings.train.seed)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(paths["weights"]))
+    write_json(metrics, paths["metrics"])
+    settings.save(paths["config"])
+    settings.save(layout.settings_file(settings.stage))
+    log.info("slide model: test AUC %s (%d labelled test slides)", metrics["test"]["auc"],
+             metrics["test"]["n_slides"])
+    return paths
+
+
+def load_slide_model(run: str | Path) -> tuple[Any, SlideTrainSettings]:
+    """The trained slide model of ``run`` (with its encoder) and its settings."""
+    from safetensors.torch import load_file
+
+    from oncofm.paths import RunLayout
+
+    out = RunLayout(run).model_dir("slide")
+    cfg = RunLayout(run).require(out / "config.yaml", "Run `oncofm train slide --run RUN` first.")
+    settings = SlideTrainSettings.from_yaml(cfg)
+    model, encoder = _build_model(settings, with_encoder=True)
+    state = load_file(str(out / "model.safetensors"))
+    model.load_state_dict(state)
+    return model.eval(), settings
