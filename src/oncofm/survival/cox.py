@@ -240,14 +240,17 @@ class BatchedCoxPH:
     def _validate_data(X: Any, time: npt.ArrayLike, event: npt.ArrayLike,
                        strata: npt.ArrayLike | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                                                               np.ndarray]:
+        # keep float32 input as float32 (chunks are converted to float64 when fitted): halves peak memory
         if isinstance(X, pd.DataFrame):
             names = np.asarray(X.columns.astype(str))
-            x = X.to_numpy(dtype=np.float64)
+            x = X.to_numpy()
         else:
-            x = np.asarray(X, dtype=np.float64)
+            x = np.asarray(X)
             if x.ndim == 1:
                 x = x[:, None]
             names = np.asarray([f"x{i}" for i in range(x.shape[1] if x.ndim == 2 else 0)])
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)
         if x.ndim != 2:
             raise ValueError(f"X must be 2-D (patients × genes), got shape {x.shape}")
         t = np.asarray(time, dtype=np.float64).ravel()
