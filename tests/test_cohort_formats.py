@@ -163,3 +163,24 @@ def test_generic_yaml_config_and_sample_barcodes(tmp_path, real_subset):
     np.testing.assert_allclose(expr.loc[z.index, z.columns].to_numpy(), (z + OFFSET).to_numpy(), atol=1e-4)
     saved = (run / "settings" / "cohort_import.yaml").read_text()
     assert "patient_id_chars" in saved and "time_unit: months" in saved
+
+
+def test_firehose_folder_of_cohorts(tmp_path, real_subset, shared_data):
+    """One file per cohort in a folder: stacked; a gene absent from one file is NaN there and counted."""
+    pick, z = real_subset
+    kirp = pick.loc[pick.tcga_project == "KIRP", "case_id"]
+    gbm = pick.loc[pick.tcga_project == "GBM", "case_id"]
+    folder = tmp_path / "firehose"
+    folder.mkdir()
+    write_firehose(folder / "KIRP.rnaseqv2__RSEM_genes_normalized__data.data.txt", z.loc[kirp], extra_samples=False)
+    write_firehose(folder / "GBM.rnaseqv2__RSEM_genes_normalized__data.data.txt", z.loc[gbm].iloc[:, 1:],
+                   extra_samples=False)
+    run = tmp_path / "run"
+    import_cohort(ImportSettings(format="firehose", source=str(folder), run=str(run),
+                                 clinical=str(shared_data / "tcga_cdr" / "tcga_cdr_clinical.csv")))
+    expr = load_matrix(run)
+    assert len(expr) == len(pick) and expr.loc[gbm, z.columns[0]].isna().all()
+    assert expr.loc[kirp, z.columns[0]].notna().all()
+    notes = pd.read_json(run / "cohort" / "import_notes.json", typ="series")
+    assert "1 genes missing in some cohort files (NaN there)" in notes["notes"]
+    assert notes["soft_problems"]["genes_missing_in_some_cohorts"] == 1
