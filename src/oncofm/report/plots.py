@@ -37,25 +37,19 @@ def _png(fig) -> bytes:  # noqa: ANN001
 
 
 def attention_map(tiled: TiledSlide, attention: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel attention at thumbnail resolution.
+    """Per-pixel attention at thumbnail resolution (the slide stage's ``score_grid`` + ``normalise_scores``).
 
-    Each patch's score is its percentile rank among the slide's patches (0..1); overlapping patches
-    are averaged. Returns ``(scores, covered)``: float (h, w) in [0, 1] and a bool mask of covered pixels.
+    Overlapping patches are averaged, values are scaled between their 1st and 99th percentiles. Returns
+    ``(scores, covered)``: float (h, w) in [0, 1] (0 where uncovered) and a bool mask of covered pixels.
     """
+    from oncofm.pathology.heatmap import normalise_scores, score_grid
+
     h, w = tiled.thumbnail.shape[:2]
-    sx, sy = w / tiled.level0_size[0], h / tiled.level0_size[1]
-    ranks = pd.Series(attention).rank(pct=True).to_numpy()  # (N,) percentile-normalised
-    total = np.zeros((h, w), dtype=np.float32)
-    count = np.zeros((h, w), dtype=np.float32)
-    side_x = max(1, round(tiled.patch_side_level0 * sx))
-    side_y = max(1, round(tiled.patch_side_level0 * sy))
-    for (x, y), r in zip(tiled.coords, ranks, strict=True):
-        x0, y0 = int(x * sx), int(y * sy)
-        total[y0:y0 + side_y, x0:x0 + side_x] += r
-        count[y0:y0 + side_y, x0:x0 + side_x] += 1
-    covered = count > 0
-    scores = np.where(covered, total / np.maximum(count, 1), 0.0)
-    return scores, covered
+    grid = score_grid(tiled.coords, np.asarray(attention, dtype=np.float64), tiled.patch_side_level0,
+                      tiled.level0_size, (h, w))  # (h, w), NaN where no patch lies
+    values = normalise_scores(grid)
+    covered = np.isfinite(values)
+    return np.where(covered, values, 0.0), covered
 
 
 def heatmap_figure(tiled: TiledSlide, attention: np.ndarray, with_thumbnail: bool = False,
@@ -73,11 +67,11 @@ def heatmap_figure(tiled: TiledSlide, attention: np.ndarray, with_thumbnail: boo
     ax.imshow(tiled.thumbnail)
     masked = np.ma.masked_where(~covered, scores)
     im = ax.imshow(masked, cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title("attention (percentile within slide)")
+    ax.set_title("attention (scaled within slide)")
     for a in axes.ravel():
         a.set_axis_off()
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cb.set_label("attention percentile")
+    cb.set_label("attention (1st–99th percentile, scaled)")
     return fig
 
 
@@ -86,10 +80,14 @@ def heatmap_overlay_png(tiled: TiledSlide, attention: np.ndarray) -> bytes:
 
 
 def save_heatmap_png(tiled: TiledSlide, attention: np.ndarray, path: str | Path) -> Path:
-    """``heatmap.png``: the H&E thumbnail beside the attention heatmap."""
-    path = Path(path)
-    path.write_bytes(_png(heatmap_figure(tiled, attention, with_thumbnail=True)))
-    return path
+    """``heatmap.png``: the slide stage's heatmap (:func:`oncofm.pathology.heatmap.draw_heatmap`): the
+    thumbnail beside the attention overlay, with a colour bar."""
+    from oncofm.pathology.heatmap import HeatmapSettings, draw_heatmap
+    from oncofm.pathology.reader import open_slide
+
+    with open_slide(tiled.path, mpp=tiled.mpp) as slide:
+        return draw_heatmap(slide, tiled.coords, np.asarray(attention, dtype=np.float64), tiled.patch_side_level0,
+                            Path(path), HeatmapSettings(thumb_size=1024), title=f"{tiled.path.name}: attention")
 
 
 def thumbnail_jpeg(tiled: TiledSlide, quality: int = 88) -> bytes:
