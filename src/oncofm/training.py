@@ -47,7 +47,8 @@ class TrainSettings(StageSettings):
     stage: ClassVar[str] = "train"
 
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch size: under DDP (accelerate launch / torchrun) "
+                            "each of the N processes takes batch_size / N of every batch")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up, then cosine decay")
@@ -97,9 +98,13 @@ def _better(a: float, b: float, mode: str) -> bool:
 def make_accelerator(settings: TrainSettings):  # noqa: ANN201 - accelerate.Accelerator
     """The Accelerator for ``settings`` (device and mixed precision from one place)."""
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
+    # split_batches: batch_size is the global batch, so N processes see exactly the batches one process
+    # would (each takes a 1/N slice) and the learning-rate schedule and metrics do not depend on N.
     return Accelerator(cpu=settings.device == "cpu", mixed_precision=settings.mixed_precision,
-                       gradient_accumulation_steps=settings.grad_accum)
+                       gradient_accumulation_steps=settings.grad_accum,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def _lr_lambda(total_steps: int, warmup: int) -> Callable[[int], float]:
@@ -145,6 +150,9 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / CHECKPOINT_DIR
     accelerator = accelerator or make_accelerator(settings)
+    if settings.batch_size % accelerator.num_processes:
+        raise OncoFMError(f"batch_size {settings.batch_size} is the global batch and must be divisible by the "
+                          f"{accelerator.num_processes} training processes; set --batch-size to a multiple")
     set_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     train_loader = torch.utils.data.DataLoader(
@@ -240,6 +248,9 @@ def _train_epoch(model: Any, loader: Any, task: TrainTask, optimizer: Any, sched
             optimizer.zero_grad()
         total_loss += float(loss.detach())
         n_batches += 1
+    if accelerator.num_processes > 1:  # every process saw 1/N of each batch: average over all of them
+        sums = accelerator.reduce(torch.tensor([total_loss, float(n_batches)], device=accelerator.device), "sum")
+        total_loss, n_batches = float(sums[0]), int(sums[1])
     return total_loss / max(1, n_batches)
 
 

@@ -1,0 +1,183 @@
+"""Data-parallel training (DDP) with the existing launchers: ``torchrun`` and ``accelerate launch``.
+
+OncoFM's training loop (:func:`oncofm.training.fit`) runs on Hugging Face Accelerate, so any training
+command runs unchanged under a launcher: each process trains a replica on its slice of every batch and DDP
+averages the gradients (NCCL on GPUs, gloo on CPUs). ``TrainSettings.batch_size`` is the *global* batch
+(split across processes), so one process and N processes take the same optimisation steps.
+
+This module builds launcher command lines (:func:`launch_command`, :func:`launch`) and holds a small
+real-data training check (:func:`train_probe`, ``python -m oncofm.distributed.ddp``) that a user runs on
+a new cluster to see that 1 and N processes agree before starting a long job::
+
+    torchrun --nproc_per_node 8 -m oncofm.distributed.ddp --data probe.npz --out runs/ddp-check
+    accelerate launch --num_processes 8 -m oncofm train omics --run runs/tcga
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from oncofm.errors import OncoFMError
+
+log = logging.getLogger(__name__)
+
+Launcher = Literal["torchrun", "accelerate"]
+
+
+def launch_command(args: Sequence[str], num_processes: int, launcher: Launcher = "torchrun",
+                   cpu: bool = True) -> list[str]:
+    """The command line that runs ``python -m <args>`` in ``num_processes`` DDP processes on this machine.
+
+    ``args`` starts with a module name (``["oncofm", "train", "omics", ...]``). Multi-node runs add the
+    launcher's own ``--nnodes/--node_rank/--rdzv_endpoint`` (torchrun) or ``--num_machines/
+    --machine_rank/--main_process_ip`` (accelerate) on every node.
+    """
+    if num_processes < 1:
+        raise OncoFMError(f"num_processes must be at least 1, got {num_processes}")
+    module, *rest = args
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
+                "-m", module, *rest]
+    if launcher == "accelerate":
+        # accelerate's --cpu flag means ONE process; --multi_gpu runs torchrun underneath, and without GPUs
+        # (or with TrainSettings.device="cpu") every process falls back to CPU + gloo (MULTI_CPU).
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--multi_gpu"] if num_processes > 1 else (["--cpu"] if cpu else [])
+        return [*cmd, "-m", module, *rest]
+    raise OncoFMError(f"unknown launcher '{launcher}'; choose torchrun or accelerate")
+
+
+def launch(args: Sequence[str], num_processes: int, *, launcher: Launcher = "torchrun",
+           threads_per_process: int = 1, timeout: float | None = None, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` under ``launcher`` with ``num_processes`` processes; raise on failure.
+
+    ``threads_per_process`` sets ``OMP_NUM_THREADS`` so N CPU processes do not oversubscribe the cores.
+    """
+    full_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads_per_process),
+                "MKL_NUM_THREADS": str(threads_per_process)}
+    cmd = launch_command(args, num_processes, launcher)
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise OncoFMError(f"{launcher} with {num_processes} processes failed (exit {proc.returncode}):\n"
+                          f"{proc.stderr[-3000:]}")
+    return proc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a small real-data training run through the shared loop, used by the DDP test and bench/scale.py
+class _BinaryTask:
+    """Binary cross-entropy on (x, y) batches; validation loss and AUC."""
+
+    def loss(self, model: Any, batch: Any) -> Any:
+        import torch
+
+        x, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
+
+    def evaluate(self, model: Any, loader: Any) -> dict[str, float]:
+        import torch
+        from sklearn.metrics import roc_auc_score
+
+        logits, ys = [], []
+        for x, y in loader:
+            logits.append(model(x).squeeze(-1))
+            ys.append(y)
+        z, y = torch.cat(logits), torch.cat(ys)  # (n_val,), (n_val,)
+        loss = float(torch.nn.functional.binary_cross_entropy_with_logits(z, y))
+        return {"val_loss": loss, "val_auc": float(roc_auc_score(y.numpy(), z.numpy()))}
+
+
+def train_probe(data: str | Path, out: str | Path, *, epochs: int = 4, batch_size: int = 64, lr: float = 1e-3,
+                hidden: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Train a 2-layer MLP on ``data`` (npz: x_train, y_train, x_val, y_val) with :func:`oncofm.training.fit`.
+
+    Every process builds the same initial weights (seeded), trains under whatever launcher started it, and
+    the main process writes ``out/metrics.json`` (per-epoch history, best epoch, final weights' checksum).
+    """
+    import torch
+
+    from oncofm.io import write_json
+    from oncofm.training import TrainSettings, fit, make_accelerator
+
+    arrays = np.load(data)
+    x_tr, y_tr = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])  # (n, g), (n,)
+    x_va, y_va = torch.from_numpy(arrays["x_val"]), torch.from_numpy(arrays["y_val"])
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs, seed=seed,
+                             progress=False, resume=False, device="cpu")
+    accelerator = make_accelerator(settings)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(x_tr.shape[1], hidden), torch.nn.GELU(),
+                                torch.nn.Linear(hidden, 1))
+    result = fit(model, torch.utils.data.TensorDataset(x_tr, y_tr), torch.utils.data.TensorDataset(x_va, y_va),
+                 _BinaryTask(), settings, out, accelerator=accelerator)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    metrics = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+               "best_epoch": result.best_epoch, "best_val_loss": result.best_metric, "history": result.history,
+               "weights_l2": float(flat.norm()), "weights_sum": float(flat.sum()), "seconds": result.seconds,
+               "samples_per_s": len(x_tr) * result.epochs_run / max(result.seconds, 1e-9),
+               "n_train": len(x_tr), "batch_size": batch_size}
+    if accelerator.is_main_process:
+        write_json(metrics, Path(out) / "metrics.json")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def write_probe_data(run: str | Path, target: str | Path, max_genes: int | None = None) -> Path:
+    """Real probe data from an imported, split cohort: normalised expression → 5-year label.
+
+    Writes ``target`` (npz: x_train, y_train, x_val, y_val, float32); patients without a known 5-year status
+    are left out (docs/ARCHITECTURE.md). ``max_genes`` keeps the first genes (smaller, faster checks).
+    """
+    import pandas as pd
+
+    from oncofm.cohort.normalize import load_normalized_expression
+    from oncofm.cohort.schema import five_year_labels
+    from oncofm.io import atomic_path
+    from oncofm.paths import RunLayout
+
+    layout = RunLayout(run)
+    patients = pd.read_parquet(layout.require(layout.patients, "run `oncofm cohort import` first"))
+    splits = pd.read_parquet(layout.require(layout.splits, "run `oncofm cohort split` first"))
+    expr = load_normalized_expression(run).fillna(0.0)
+    if max_genes:
+        expr = expr.iloc[:, :max_genes]
+    labels = five_year_labels(patients)
+    split = splits.set_index("patient_id")["split"]
+    arrays = {}
+    for name in ("train", "val"):
+        ids = [p for p in split.index[split == name] if p in expr.index and not np.isnan(labels.get(p, np.nan))]
+        arrays[f"x_{name}"] = expr.loc[ids].to_numpy(np.float32)  # (n, g)
+        arrays[f"y_{name}"] = labels.loc[ids].to_numpy(np.float32)  # (n,)
+    with atomic_path(target, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+    return Path(target)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m oncofm.distributed.ddp --data probe.npz --out DIR`` (under torchrun / accelerate launch)."""
+    parser = argparse.ArgumentParser(description="DDP check: train a small MLP with the shared training loop")
+    parser.add_argument("--data", required=True, help="npz with x_train, y_train, x_val, y_val")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(argv)
+    train_probe(a.data, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, hidden=a.hidden, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()
