@@ -299,3 +299,20 @@ def test_gdc_unknown_option_is_an_error():
         from oncofm.cohort.importers.gdc import _split_options
 
         _split_options({"base_ulr": "x"})
+
+
+def test_clinical_records_to_patients():
+    """Dead → days_to_death, event 1; alive → days_to_last_follow_up, event 0; CPTAC: per-case primary site."""
+    from oncofm.cohort.importers.gdc import clinical_to_patients
+
+    clinical = pd.DataFrame({
+        "patient_id": ["C3L-00001", "C3L-00002", "C3N-00003"], "project": "CPTAC-3",
+        "primary_site": ["Kidney", None, "Bronchus and lung"], "vital_status": ["Dead", "Alive", "Not Reported"],
+        "days_to_death": [400.0, None, None], "days_to_last_follow_up": [None, 900.0, 30.0],
+        "age": [61.0, 55.0, None], "gender": ["male", "female", "not reported"]})
+    notes: list[str] = []
+    p = clinical_to_patients(clinical, None, notes, missing_survival="drop")
+    assert p[Col.PATIENT].tolist() == ["C3L-00001", "C3L-00002"]
+    assert p[Col.OS_DAYS].tolist() == [400.0, 900.0] and p[Col.OS_EVENT].tolist() == [1.0, 0.0]
+    assert p[Col.CANCER].tolist() == ["Kidney", "CPTAC-3"] and p[Col.SEX].tolist() == ["male", "female"]
+    assert notes == ["1 GDC cases without vital status or survival days left out"]

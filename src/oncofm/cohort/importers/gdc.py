@@ -13,7 +13,8 @@ Overall survival: dead → ``days_to_death`` with event 1; alive → ``days_to_l
 The diagnostic slides are listed in ``slides.parquet`` and ``slides_manifest.tsv`` (gdc-client format)
 but not downloaded (hundreds of MB each). Options: every :class:`~oncofm.cohort.gdc.GDCSettings` field
 (``base_url``, ``timeout_s``, ``retries``, ``backoff_s``, ``page_size``...), ``max_files`` (a quick
-subset), ``gene_type``, ``cancer_type`` (default: the project ID without ``TCGA-``), ``download_dir``,
+subset), ``gene_type``, ``cancer_type`` (default: the project ID without ``TCGA-``; for other projects each case's
+``primary_site``), ``download_dir``,
 ``missing_survival=error|drop``.
 """
 
@@ -51,9 +52,17 @@ def _split_options(options: dict) -> tuple[GDCSettings, dict]:
         {k: v for k, v in options.items() if k in OWN_OPTIONS}
 
 
-def clinical_to_patients(clinical: pd.DataFrame, cancer_type: str, notes: list[str],
+def clinical_to_patients(clinical: pd.DataFrame, cancer_type: str | None, notes: list[str],
                          missing_survival: str = "error") -> pd.DataFrame:
-    """GDC case records → the cohort's patient table (overall survival in days)."""
+    """GDC case records → the cohort's patient table (overall survival in days).
+
+    ``cancer_type=None`` takes each case's ``primary_site`` (multi-cancer projects such as CPTAC-3),
+    falling back to its project ID.
+    """
+    if cancer_type is None:
+        cancer = clinical["primary_site"].where(clinical["primary_site"].notna(), clinical["project"])
+    else:
+        cancer = cancer_type
     vital = clinical["vital_status"].astype("string").str.lower()
     dead = vital == "dead"
     alive = vital == "alive"
@@ -62,7 +71,7 @@ def clinical_to_patients(clinical: pd.DataFrame, cancer_type: str, notes: list[s
     os_days = np.where(dead, death, np.where(alive, follow, np.nan))
     out = pd.DataFrame({
         Col.PATIENT: clinical["patient_id"].astype(str),
-        Col.CANCER: cancer_type,
+        Col.CANCER: cancer,
         Col.AGE: pd.to_numeric(clinical["age"], errors="coerce"),
         Col.SEX: clinical["gender"].astype("string").str.lower().where(
             clinical["gender"].astype("string").str.lower().isin(["female", "male"])),
@@ -83,7 +92,8 @@ def import_gdc(settings) -> ImportedCohort:  # noqa: ANN001 - ImportSettings (im
     project = str(settings.source)
     gdc_settings, opts = _split_options(dict(settings.options))
     folder = Path(opts.get("download_dir") or RunLayout(settings.run).downloads_dir / "gdc" / project)
-    cancer = opts.get("cancer_type") or (project.split("-", 1)[1] if project.startswith("TCGA-") else project)
+    # TCGA projects are one cancer type each; others (CPTAC-3) mix them: per-case primary site
+    cancer = opts.get("cancer_type") or (project.split("-", 1)[1] if project.startswith("TCGA-") else None)
     gene_type = opts.get("gene_type", "protein_coding")
     notes: list[str] = []
     with GDCClient(gdc_settings) as client:
