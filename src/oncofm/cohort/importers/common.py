@@ -60,6 +60,13 @@ def is_counts_like(values: np.ndarray) -> bool:
     return bool(finite.size) and float(finite.min()) >= 0 and float(finite.max()) > COUNTS_LIKE_MAX
 
 
+def _numeric(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with non-numeric cells as NaN (no per-column work when every column is numeric already)."""
+    if all(pd.api.types.is_numeric_dtype(t) for t in df.dtypes):
+        return df
+    return df.apply(pd.to_numeric, errors="coerce")
+
+
 def maybe_log2(expr: pd.DataFrame, mode: str, file: str, notes: list[str]) -> pd.DataFrame:
     """Apply log2(x+1) when ``mode`` is ``yes``, or ``auto`` and the values are counts-like.
 
@@ -67,7 +74,7 @@ def maybe_log2(expr: pd.DataFrame, mode: str, file: str, notes: list[str]) -> pd
     """
     if mode == "no":
         return expr
-    numeric = expr.apply(pd.to_numeric, errors="coerce")
+    numeric = _numeric(expr)
     values = numeric.to_numpy(dtype=np.float64)
     if mode == "auto" and not is_counts_like(values):
         log.info("expression does not look like counts (min %.3g, max %.3g); no log transform",
@@ -163,7 +170,7 @@ def dedupe_symbols(expr: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     """Genes (columns) that share a symbol after stripping IDs: keep the one with the highest mean."""
     if not expr.columns.has_duplicates:
         return expr
-    means = expr.apply(pd.to_numeric, errors="coerce").mean(axis=0).to_numpy()
+    means = _numeric(expr).mean(axis=0).to_numpy()
     order = np.argsort(-np.nan_to_num(means, nan=-np.inf), kind="stable")
     seen: set[str] = set()
     keep_pos = []
