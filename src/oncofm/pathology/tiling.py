@@ -122,14 +122,15 @@ def plan_grid(slide: SlideReader, target_mpp: float, patch_size: int) -> GridPla
 def _box_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: float) -> np.ndarray:
     """Mean of ``mask`` over boxes [x0, x0+side) × [y0, y0+side) in mask pixels (summed-area table)."""
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)
-    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    sat = np.zeros((h + 1, w + 1), dtype)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=dtype), axis=1, out=sat[1:, 1:])
     xa = np.clip(np.round(x0).astype(np.int64), 0, w)
     ya = np.clip(np.round(y0).astype(np.int64), 0, h)
     xb = np.clip(np.round(x0 + side).astype(np.int64), 0, w)
     yb = np.clip(np.round(y0 + side).astype(np.int64), 0, h)
     xb, yb = np.maximum(xb, np.minimum(xa + 1, w)), np.maximum(yb, np.minimum(ya + 1, h))
-    total = sat[yb, xb] - sat[ya, xb] - sat[yb, xa] + sat[ya, xa]
+    total = sat[yb, xb].astype(np.int64) - sat[ya, xb] - sat[yb, xa] + sat[ya, xa]
     area = np.maximum((xb - xa) * (yb - ya), 1)
     return (total / area).astype(np.float32)
 

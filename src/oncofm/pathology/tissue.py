@@ -91,16 +91,25 @@ def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | No
     from skimage.filters import threshold_otsu
 
     s = settings or TissueSettings()
-    _, sat, val = rgb_to_hsv(rgb)
-    try:
-        thr = float(threshold_otsu(sat)) if np.ptp(sat) > 0 else s.sat_min
-    except ValueError:
-        thr = s.sat_min
+    # Per-pixel colour tests in row blocks (float temporaries stay small); saturation kept as uint8 for Otsu.
+    h = rgb.shape[0]
+    sat8 = np.empty(rgb.shape[:2], np.uint8)
+    dark = np.empty(rgb.shape[:2], bool)
+    raw_ink = np.empty(rgb.shape[:2], bool)
+    for y0 in range(0, h, 256):
+        block = rgb[y0:y0 + 256]
+        _, sat, val = rgb_to_hsv(block)
+        sat8[y0:y0 + 256] = np.round(sat * 255).astype(np.uint8)
+        dark[y0:y0 + 256] = val < s.dark_value
+        raw_ink[y0:y0 + 256] = ink_mask(block, s)
+    hist = np.bincount(sat8.ravel(), minlength=256)
+    thr = float(threshold_otsu(hist=hist)) / 255.0 if (hist > 0).sum() > 1 else s.sat_min
     thr = min(max(thr, s.sat_min), s.sat_max)
-    candidate = (sat > thr) | ((val < s.dark_value) & (sat > s.sat_min))  # saturated, or dark and tinted
+    candidate = (sat8 > thr * 255) | (dark & (sat8 > s.sat_min * 255))  # saturated, or dark and tinted
+    del sat8, dark
 
     px_area_mm2 = (mpp / 1000.0) ** 2
-    ink = ink_mask(rgb, s)
+    ink = raw_ink
     min_ink_px = max(1, int(round(0.0005 / px_area_mm2)))  # specks below 0.0005 mm² are not pen marks
     ink = morphology.remove_small_objects(ink, max_size=min_ink_px)
     margin = int(round(s.ink_margin_um / mpp))
