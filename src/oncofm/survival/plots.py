@@ -83,8 +83,7 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, n_genes: int = 40) -> Pa
     q = q.reindex(index=genes, columns=cols)
     vmax = float(np.nanpercentile(np.abs(coef.to_numpy()), 98)) if np.isfinite(coef.to_numpy()).any() else 1.0
     fig, ax = plt.subplots(figsize=(1.0 + 0.38 * len(cols), 1.5 + 0.2 * len(genes)), dpi=110)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
     im = ax.imshow(np.ma.masked_invalid(coef.to_numpy()), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
     yy, xx = np.nonzero(q.to_numpy() < 0.05)
     ax.scatter(xx, yy, s=6, c="k", marker="o", lw=0)
