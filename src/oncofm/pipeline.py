@@ -87,9 +87,34 @@ def stage_tiles(run: Path, redo: bool) -> None:
     log.info("tiled %d demo images into %s", len(images), layout.tiles_dir)
 
 
+def stage_register_images(run: Path, redo: bool) -> None:
+    """Add the demo patients' real H&E images (``images.csv``) to ``cohort/slides.parquet``.
+
+    The tcga13 slide table names GDC diagnostic slides that are not on this machine; the images that are
+    here become the slides the slide model trains on (rows added once; existing rows kept).
+    """
+    import pandas as pd
+
+    from oncofm.io import write_parquet
+    from oncofm.report.inputs import image_table
+
+    layout = RunLayout(run)
+    images = image_table(layout)
+    if images.empty:
+        raise StageUnavailable("the cohort's source has no images.csv")
+    new = pd.DataFrame({"patient_id": images["patient_id"], "slide_id": images["path"]})
+    if layout.slides_table.exists():
+        old = pd.read_parquet(layout.slides_table)
+        new = new[~new["slide_id"].isin(old["slide_id"].astype(str))]
+        if new.empty:
+            return
+        new = pd.concat([old, new], ignore_index=True)
+    write_parquet(new, layout.slides_table, index=False)
+
+
 def stage_train_slide(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.pathology.train", "SlideTrainSettings", "train_slide")
-    fn(settings_cls.build(run=str(run), redo=redo))
+    settings_cls, fn = _need("oncofm.pathology.slide_train", "SlideTrainSettings", "train_slide_model")
+    fn(settings_cls.build(run=str(run), redo=redo), progress=False)
 
 
 def stage_reasoning(run: Path, redo: bool) -> None:
@@ -130,6 +155,7 @@ STAGES: tuple[tuple[str, Callable[[Path, bool], Any]], ...] = (
     ("features", stage_features),
     ("train_omics", stage_train_omics),
     ("tiles", stage_tiles),
+    ("register_images", stage_register_images),
     ("train_slide", stage_train_slide),
     ("reasoning", stage_reasoning),
     ("train_fusion", stage_train_fusion),

@@ -13,7 +13,7 @@ normalise_expression      ``oncofm.cohort.normalize.apply_normalizer`` (cohort)
 build_pairs               ``oncofm.omics.features.build_pairs`` (cox + features)
 run_omics_model           ``oncofm.omics.predict.load_omics_model`` / ``predict_patient`` (omics)
 tile_slide                ``oncofm.pathology.reader.open_slide`` + the tiler (tiles)
-run_slide_model           slide model inference + attention (slide model)
+run_slide_model           ``oncofm.pathology.slide_train.load_slide_model`` + ``slide_model`` (slide model)
 top_patches               ``oncofm.pathology.morphometrics.patch_morphometrics`` (tiles)
 build_evidence            ``oncofm.fusion.evidence`` (gene_evidence, attention_concentration) (fusion)
 run_fusion                the fusion LLM's generation + prediction parser (fusion)
@@ -53,6 +53,15 @@ def _optional_import(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise StepSkipped(f"{what} is not available in this installation ({module}: {exc})") from None
+
+
+def _optional_import_names(module: str, *names: str) -> list[Any]:
+    """Import ``names`` from a stage's module, or skip the step."""
+    mod = _optional_import(module, module)
+    try:
+        return [getattr(mod, n) for n in names]
+    except AttributeError as exc:
+        raise StepSkipped(f"{module} lacks {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,19 +349,34 @@ def read_tiles(h5: Path, slide_path: Path, thumbnail: np.ndarray, mpp: float) ->
 
 
 def run_slide_model(tiled: TiledSlide, layout: RunLayout) -> SlideResult:
-    """Apply the run's slide model to the patches: probability, embedding, attention per patch."""
+    """Apply the run's slide model (``oncofm.pathology.slide_train``) to every patch of the slide.
+
+    Encodes the patches with the model's own encoder (features cached in a temporary file, never in the
+    run), then the attention-MIL aggregator gives the probability, the slide embedding and the attention.
+    """
+    import tempfile
+
     model_dir = layout.model_dir("slide")
     if not (model_dir / "model.safetensors").exists():
         raise StepSkipped(f"the run has no slide model ({model_dir}): run `oncofm train slide`")
-    predict = _optional_import("oncofm.pathology.predict", "slide model inference (oncofm.pathology.predict)")
-    model = predict.load_slide_model(layout.root)
-    out = predict.predict_slide(model, tiled.h5)
+    load_slide_model, = _optional_import_names("oncofm.pathology.slide_train", "load_slide_model")
+    extract, load, bag_ds, predict = _optional_import_names(
+        "oncofm.pathology.slide_model", "extract_features", "load_features", "FeatureBagDataset", "predict_bags")
+    model, st = load_slide_model(layout.root)
+    encoder = model.encoder
+    with tempfile.TemporaryDirectory(prefix="oncofm-slide-") as tmp:
+        h5 = extract(encoder, tiled.h5, Path(tmp) / "features.h5", batch_size=st.feature_batch,
+                     slide_mpp=tiled.mpp, encoder_name=st.encoder)
+        feats, coords = load(h5)  # (N, D), (N, 2)
+    model.encoder = None  # the aggregator + head over the features of every patch
+    try:
+        out = predict(model, bag_ds([feats], [0.0]))[0]
+    finally:
+        model.encoder = encoder
+    if not np.array_equal(coords, tiled.coords):
+        raise OncoFMError("the slide model's features do not line up with the slide's patches")
     attention = np.asarray(out["attention"], dtype=np.float64).ravel()  # (N,)
-    if attention.shape[0] != tiled.coords.shape[0]:
-        raise OncoFMError(f"slide model returned {attention.shape[0]} attention values for "
-                          f"{tiled.coords.shape[0]} patches")
-    emb = out.get("embedding")
-    return SlideResult(prob=float(out["prob"]), embedding=None if emb is None else np.asarray(emb).ravel(),
+    return SlideResult(prob=float(out["prob"]), embedding=np.asarray(out["embedding"], dtype=np.float32).ravel(),
                        attention=attention / attention.sum(), version=model_version(model_dir))
 
 
@@ -454,14 +478,6 @@ def run_fusion(evidence: dict[str, Any], omics: OmicsResult | None, slide: Slide
     text = generate_texts(model, tokenizer, [item], batch_size=1, progress=False)[0]
     prediction, risk = parse_prediction(text)
     return FusionResult(text=text, risk=risk, prediction=prediction, version=model_version(model_dir))
-
-
-def _optional_import_names(module: str, *names: str) -> list[Any]:
-    mod = _optional_import(module, module)
-    try:
-        return [getattr(mod, n) for n in names]
-    except AttributeError as exc:
-        raise StepSkipped(f"{module} lacks {exc}") from None
 
 
 def _embedding_or_zeros(emb: np.ndarray | None, dim: int, name: str) -> np.ndarray:
