@@ -139,3 +139,13 @@ def test_find_slides_and_stems(tmp_path: Path) -> None:
         find_slides(empty)
     with pytest.raises(OncoFMError, match="neither"):
         find_slides(tmp_path / "nothing")
+
+
+def test_multi_file_dicom_series_listed_once(shared_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    dcm = shared_data / PATHO / "camelyon_lowres_dicom" / "multiframe_camelyon_challenge_image.dcm"
+    for name in ("level_a.dcm", "level_b.dcm"):  # same SeriesInstanceUID, as the files of one WSI would be
+        shutil.copy(dcm, tmp_path / name)
+    (tmp_path / "broken.dcm").write_bytes(b"DICM" * 10)
+    assert [p.name for p in find_slides(tmp_path)] == ["broken.dcm", "level_a.dcm"]

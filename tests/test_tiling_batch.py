@@ -130,3 +130,23 @@ def test_process_pool_workers(shared_data: Path, tmp_path: Path) -> None:
                       progress=False)
     assert [r.status for r in res] == ["done"] * 3
     assert len({r.worker for r in res}) >= 1 and all(r.worker.split(":")[1] != str(os.getpid()) for r in res)
+
+
+def test_cli_tile_command(shared_data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from oncofm.cli import app
+
+    folder = shared_data / PATHO / "tcga_cr7395_hnsc_svs"
+    runner = CliRunner()
+    # No mpp in the SVS and no --slide-mpp: the slide fails with a message naming the flag.
+    res = runner.invoke(app, ["tile", str(folder), "--run", str(tmp_path), "--no-qc"])
+    assert res.exit_code != 0
+    assert "--slide-mpp" in _failures(tmp_path / "tiles")["TCGA-CR-7395-01A-01-TS1_histolab-fixture.svs"]
+    res = runner.invoke(app, ["tile", str(folder), "--run", str(tmp_path), "--slide-mpp", "0.5", "--mpp", "1.0",
+                              "--size", "224", "--min-tissue", "0.6", "--no-qc"])
+    assert res.exit_code == 0, res.output
+    assert "done" in res.output and (tmp_path / "settings" / "tiles.yaml").exists()
+    g = load_grid(tmp_path / "tiles" / "TCGA-CR-7395-01A-01-TS1_histolab-fixture.h5")
+    assert int(g.attrs["read_level"]) == 1 and (g.tissue_fraction >= 0.6).all()
+    assert _failures(tmp_path / "tiles") == {}

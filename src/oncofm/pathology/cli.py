@@ -10,7 +10,8 @@ import typer
 def tile_cmd(
     source: Path = typer.Argument(..., help="A slide (SVS, NDPI, MRXS, SCN, DICOM, TIFF, JPEG, PNG, ...) or a "
                                             "folder of slides."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (e.g. RUN/tiles)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: RUN/tiles with --run)."),
+    run: Path | None = typer.Option(None, "--run", "-r", help="Run directory; tiles go to RUN/tiles."),
     mpp: float = typer.Option(0.5, "--mpp", help="Target resolution of the patches in µm/px (0.5 ≈ 20x)."),
     size: int = typer.Option(224, "--size", help="Patch side in pixels at the target resolution."),
     min_tissue: float = typer.Option(0.5, "--min-tissue", help="Minimum tissue fraction of a kept patch."),
@@ -30,6 +31,12 @@ def tile_cmd(
     """
     from oncofm.errors import OncoFMError
     from oncofm.pathology.tiling import TilingSettings, tile_slides
+    from oncofm.paths import RunLayout
+
+    if out is None:
+        if run is None:
+            raise OncoFMError("pass --out DIR or --run RUN (tiles then go to RUN/tiles)")
+        out = RunLayout(run).tiles_dir
 
     settings = TilingSettings.build(source=str(source), out=str(out), target_mpp=mpp, patch_size=size,
                                     min_tissue=min_tissue, workers=workers, slide_mpp=slide_mpp,

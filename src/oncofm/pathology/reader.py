@@ -407,7 +407,8 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
 def find_slides(source: str | Path) -> list[Path]:
     """A single slide, or every slide-like file (by suffix) directly inside a folder, sorted.
 
-    MIRAX companion folders and hidden/temporary files are skipped.
+    MIRAX companion folders and hidden/temporary files are skipped; of the .dcm files of one DICOM series
+    (a multi-file DICOM WSI) only the first is listed.
     """
     source = Path(source)
     if source.is_file():
@@ -416,9 +417,33 @@ def find_slides(source: str | Path) -> list[Path]:
         raise OncoFMError(f"{source} is neither a slide file nor a folder")
     found = sorted(p for p in source.iterdir()
                    if p.is_file() and not p.name.startswith(".") and _suffix(p) in SLIDE_SUFFIXES)
+    found = _one_file_per_dicom_series(found)
     if not found:
         raise OncoFMError(f"no slides found in {source} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
     return found
+
+
+def _one_file_per_dicom_series(paths: list[Path]) -> list[Path]:
+    """A DICOM WSI is often stored as several .dcm files (one per level); OpenSlide opens the whole series
+    from any of them, so keep the first file of each SeriesInstanceUID (unreadable files are kept, to fail
+    with a reason later)."""
+    import openslide
+
+    seen: set[str] = set()
+    kept = []
+    for p in paths:
+        if _suffix(p) == ".dcm":
+            try:
+                with openslide.OpenSlide(str(p)) as osl:
+                    uid = osl.properties.get("dicom.SeriesInstanceUID")
+            except Exception:
+                uid = None
+            if uid is not None:
+                if uid in seen:
+                    continue
+                seen.add(uid)
+        kept.append(p)
+    return kept
 
 
 def _suffix(path: Path) -> str:

@@ -324,6 +324,10 @@ def tile_slides(settings: TilingSettings, progress: bool = True) -> list[SlideRe
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     settings.save(out / "tiles_settings.yaml")
+    if out.name == "tiles":  # RUN/tiles: also where every stage keeps its settings
+        from oncofm.paths import RunLayout
+
+        settings.save(RunLayout(out.parent).settings_file(settings.stage))
     payload = settings.model_dump_json()
     results: list[SlideResult] = []
     with make_progress() as bar:
