@@ -4,7 +4,8 @@ The output folder is written as a whole or not at all: everything goes into a te
 folder that is renamed onto ``--out`` at the end, so bad input never leaves a partial report.
 
 Outputs (``OUT/``): ``report.html`` (one self-contained file), ``explanation.json`` (prediction, risk,
-text, evidence record, model versions, seconds per step) and ``heatmap.png`` (when a slide model ran).
+text, evidence record, model versions, seconds per step), ``heatmap.png`` (when a slide model ran) and
+``settings.yaml`` (the resolved settings).
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def explain_patient(settings: ExplainSettings, steps: InferenceSteps | None = No
         ex.log.seconds["report"] = round(time.perf_counter() - t1, 3)
         ex.log.seconds["total"] = round(time.perf_counter() - t0, 3)
         write_json(explanation_record(ex), tmp / "explanation.json")
+        settings.save(tmp / "settings.yaml")
         shutil.rmtree(tmp / "work", ignore_errors=True)
         tmp.chmod(0o755)
         for f in tmp.iterdir():
