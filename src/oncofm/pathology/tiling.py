@@ -309,7 +309,8 @@ def _process_one(path: str, settings_json: str) -> SlideResult:
             return SlideResult(slide=path, status="skipped", worker=_worker_id())
         return tile_slide(path, settings)
     except Exception as exc:  # one bad slide must not stop the batch; the reason goes to failures.csv
-        reason = str(exc) if isinstance(exc, OncoFMError) else f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, OncoFMError) else \
+            f"reading failed ({type(exc).__name__}: {exc}); the file may be corrupt or truncated"
         log.debug("slide %s failed", path, exc_info=True)
         return SlideResult(slide=path, status="failed", reason=reason.replace("\n", " "), worker=_worker_id())
     finally:
