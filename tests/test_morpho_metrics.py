@@ -69,3 +69,16 @@ def test_real_tcga_tiles_give_plausible_numbers(shared_data: Path) -> None:
         assert m["tissue_fraction"] > 0.5 and m["hematoxylin_od"] > 0
         densities.append(m["nuclei_density"])
     assert 500 < np.median(densities) < 20_000, densities
+
+
+def test_grid_morphometrics_on_a_tiled_svs(shared_data: Path, tmp_path: Path) -> None:
+    from oncofm.pathology.morphometrics import grid_morphometrics
+    from oncofm.pathology.tiling import TilingSettings, load_grid, tile_slides
+
+    svs = shared_data / "pathology" / "cmu1_small_region_svs" / "CMU-1-Small-Region.svs"
+    res = tile_slides(TilingSettings(source=str(svs), out=str(tmp_path), qc=False), progress=False)
+    h5 = res[0].paths["h5"]
+    df = grid_morphometrics(h5, indices=[0, 1, 2])
+    assert list(df.columns) == ["x", "y", *MORPHOMETRIC_KEYS] and len(df) == 3
+    np.testing.assert_array_equal(df[["x", "y"]].to_numpy(), load_grid(h5).coords[:3])
+    assert (df["tissue_fraction"] > 0.3).all() and (df["nuclei_density"] > 0).all()
