@@ -73,3 +73,24 @@ def test_full_report_has_every_section(tmp_path):
     assert rec["cohort"]["model"] == "omics" and rec["cohort"]["n_train"] > 100
     assert 0 <= rec["cohort"]["percentile"] <= 1
     assert rec["top_genes"][0]["gene"] in rec["text"] or rec["evidence"]["risk_genes"][0]["gene"] in rec["text"]
+
+
+def test_stored_omics_outputs_are_shown_as_stored(tmp_path):
+    """Without an applicable omics model, a cohort patient's stored omics outputs are shown, labelled, unchanged."""
+    import pandas as pd
+
+    run = run_with_double_omics_predictions(tmp_path)
+    pid = "TCGA-HE-7129"
+    genes = ["VHL", "PBRM1", "BAP1", "SETD2"]
+    pd.DataFrame({"patient_id": pid, "gene": genes, "attribution": [0.2, -0.3, 0.1, -0.05]}).to_parquet(
+        run / "models" / "omics" / "attributions.parquet", index=False)
+    stored = pd.read_parquet(run / "models" / "omics" / "predictions.parquet").set_index("patient_id")
+    out = tmp_path / "stored"
+    paths = explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id=pid, patch_size=64),
+                            steps=double_steps())
+    rec = json.loads(paths["explanation"].read_text())
+    assert rec["omics"] == {"prob": stored.loc[pid, "prob"], "source": "stored"}
+    assert [g["gene"] for g in rec["top_genes"]] == ["PBRM1", "VHL", "BAP1", "SETD2"]
+    assert [g["gene"] for g in rec["evidence"]["risk_genes"]] == ["VHL", "BAP1"]
+    assert rec["evidence"]["risk_genes"][0]["z"] is not None
+    assert "stored output" in paths["report"].read_text()

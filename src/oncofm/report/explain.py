@@ -157,7 +157,7 @@ def infer(settings: ExplainSettings, workdir: Path, steps: InferenceSteps | None
     if pairs is not None:
         ex.omics = run("run_omics_model", steps.run_omics_model, pairs, ex.norm, patient, layout, frac=0.2)
     if ex.omics is None and ex.norm is not None:
-        ex.omics = run("stored_omics_result", steps.stored_omics_result, patient, layout, frac=0.25)
+        ex.omics = run("stored_omics_result", steps.stored_omics_result, patient, layout, ex.norm, frac=0.25)
         if ex.omics is not None:
             ex.log.notes.append("omics: the model could not be applied here; its stored output for this "
                                 "cohort patient is shown")

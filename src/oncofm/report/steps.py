@@ -254,7 +254,8 @@ def _coefficients_for(cancer_type: str, layout: RunLayout) -> pd.DataFrame | Non
     return own.drop(columns="cancer_type").drop_duplicates("gene")
 
 
-def stored_omics_result(patient: PatientInput, layout: RunLayout) -> OmicsResult:
+def stored_omics_result(patient: PatientInput, layout: RunLayout,
+                        norm: NormalisedExpression | None = None) -> OmicsResult:
     """A cohort patient's omics prediction and attributions as the run's omics stage saved them.
 
     Used only when the model cannot be applied in this installation but the run holds the outputs of
@@ -278,6 +279,8 @@ def stored_omics_result(patient: PatientInput, layout: RunLayout) -> OmicsResult
         if patient.patient_id in e.index:
             emb = e.loc[patient.patient_id].to_numpy(dtype=np.float32)
     df = attr.reindex(attr["attribution"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+    if norm is not None:
+        df["expression_z"] = norm.values.reindex(df["gene"]).to_numpy()
     coef = _coefficients_for(patient.cancer_type, layout)
     if coef is not None:
         df = df.merge(coef, on="gene", how="left")
