@@ -1,0 +1,197 @@
+"""Evaluation of the generated explanations on the test split (from generated text only).
+
+- parse rate (malformed → unparsed, counted);
+- 5-year AUC of the parsed risk, beside the fused-embedding head (logistic regression on the same fused
+  embedding), the omics model and the slide model, all on the *same* labelled test patients
+  (unparsed texts count as risk 0.5 in the "all" AUC, and are dropped in the "parsed" AUC);
+- faithfulness and the rate of named genes that are not in the evidence (:mod:`.faithfulness`);
+- perplexity of the generated text under the base LLM (adapters off, no soft tokens) — fluency proxy;
+- seconds per explanation;
+- ``expert_rating.csv`` / ``.html``: one row per patient (evidence, generated text) with empty 1–5
+  columns for clinical validity, logic and fluency.
+
+Writes ``models/fusion/generations.jsonl`` and ``models/fusion/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.fusion.parse import parse_prediction
+from oncofm.io import atomic_path, write_json, write_text
+from oncofm.paths import RunLayout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvaluateSettings", "evaluate_fusion", "base_perplexity", "write_expert_export", "RATING_COLUMNS"]
+
+RATING_COLUMNS = ("clinical_validity_1to5", "logic_1to5", "fluency_1to5", "comment")
+
+
+class EvaluateSettings(StageSettings):
+    stage: ClassVar[str] = "fusion_eval"
+
+    run: str
+    split: str = Field("test", description="split to evaluate (test; val while developing)")
+    max_eval_patients: int = Field(0, ge=0, description="0 = every labelled patient of the split; else a seeded sample")
+    max_new_tokens: int = Field(200, ge=16)
+    batch_size: int = Field(16, ge=1)
+    threads: int = Field(0, ge=0)
+    seed: int = 0
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    from oncofm.fusion.reasoning import _auc as auc
+
+    return auc(np.asarray(y, float), np.asarray(s, float)) if len(y) else float("nan")
+
+
+def base_perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
+    """Token perplexity of ``texts`` under the base LLM (LoRA adapters disabled, no soft tokens)."""
+    import torch
+
+    nll, n = 0.0, 0
+    with torch.no_grad(), model.llm.disable_adapter():
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            if ids.shape[1] < 2:
+                continue
+            loss = model.llm(input_ids=ids, labels=ids).loss
+            nll += float(loss) * (ids.shape[1] - 1)
+            n += ids.shape[1] - 1
+    return math.exp(nll / n) if n else float("nan")
+
+
+def write_expert_export(rows: list[dict], out_dir: Path) -> dict[str, Path]:
+    """``expert_rating.csv`` and ``expert_rating.html``: evidence + generated text + empty 1–5 columns."""
+    from oncofm.fusion.evidence import evidence_prompt
+
+    table = pd.DataFrame([{"patient_id": r["patient_id"], "evidence": evidence_prompt(r["evidence"]),
+                           "generated": r["generated"], **{c: "" for c in RATING_COLUMNS}} for r in rows])
+    csv = out_dir / "expert_rating.csv"
+    with atomic_path(csv) as tmp:
+        table.to_csv(tmp, index=False)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td><pre>{html.escape(str(r[c]))}</pre></td>" if c in ("evidence", "generated")
+                         else f"<td>{html.escape(str(r[c]))}</td>" for c in table.columns) + "</tr>"
+        for _, r in table.iterrows())
+    page = ("<!doctype html><meta charset='utf-8'><title>OncoFM explanations: expert rating</title>"
+            "<style>td{vertical-align:top;border:1px solid #ccc;padding:4px}pre{white-space:pre-wrap;margin:0}"
+            "table{border-collapse:collapse}</style><h1>Rate each explanation 1 (poor) to 5 (excellent)</h1>"
+            f"<table><tr>{head}</tr>{body}</table>")
+    page_path = write_text(page, out_dir / "expert_rating.html")
+    return {"csv": csv, "html": page_path}
+
+
+def _model_probs(layout: RunLayout, name: str) -> pd.Series:
+    path = layout.model_dir(name) / "predictions.parquet"
+    if not path.exists():
+        return pd.Series(dtype=float)
+    return pd.read_parquet(path).groupby("patient_id")["prob"].mean()
+
+
+def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
+    """Generate explanations for the split's labelled patients and score them; returns the metrics."""
+    import torch
+
+    from oncofm.fusion.faithfulness import FaithfulnessScore, score_faithfulness
+    from oncofm.fusion.generate import generate_texts
+    from oncofm.fusion.reasoning import HEAD_FILE, read_dataset
+    from oncofm.fusion.train import fusion_items, load_fusion_model
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    layout = RunLayout(settings.run)
+    out = layout.model_dir("fusion")
+    records = [r for r in read_dataset(settings.run) if r["split"] == settings.split and r["label"] is not None]
+    if settings.max_eval_patients and len(records) > settings.max_eval_patients:
+        rng = np.random.default_rng(settings.seed)
+        keep = sorted(rng.choice(len(records), settings.max_eval_patients, replace=False).tolist())
+        records = [records[i] for i in keep]
+    model, tokenizer, cfg = load_fusion_model(settings.run)
+    items = fusion_items(tokenizer, records, settings.run, with_target=False, dims=(cfg["d_omics"], cfg["d_slide"]))
+    t0 = time.perf_counter()
+    texts = generate_texts(model, tokenizer, items, max_new_tokens=settings.max_new_tokens,
+                           batch_size=settings.batch_size)
+    gen_seconds = time.perf_counter() - t0
+    # one explanation alone (batch of one), the latency a user sees
+    t1 = time.perf_counter()
+    generate_texts(model, tokenizer, items[:1], max_new_tokens=settings.max_new_tokens, batch_size=1, progress=False)
+    single_seconds = time.perf_counter() - t1
+
+    vocab = set(pd.read_parquet(layout.expression).columns.astype(str)) if layout.expression.exists() else set()
+    vocab |= {g["gene"] for r in records for g in (r["evidence"]["risk_genes"] + r["evidence"]["protective_genes"])}
+    total = FaithfulnessScore()
+    rows = []
+    for r, text in zip(records, texts, strict=True):
+        parsed = parse_prediction(text)
+        f = score_faithfulness(text, r["evidence"], vocab)
+        total = total + f
+        rows.append({"patient_id": r["patient_id"], "label": r["label"], "generated": text,
+                     "parsed": parsed is not None, "risk": parsed.risk if parsed else None,
+                     "death": parsed.death if parsed else None, "faithfulness": f.faithfulness,
+                     "evidence": r["evidence"], "reference": r["target"]})
+    with atomic_path(out / "generations.jsonl") as tmp, open(tmp, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    y = np.array([r["label"] for r in rows], dtype=float)
+    parsed = np.array([r["parsed"] for r in rows])
+    risk = np.array([r["risk"] if r["parsed"] else 0.5 for r in rows])
+    ids = [r["patient_id"] for r in rows]
+    head = pd.read_parquet(layout.reasoning_dir / HEAD_FILE).set_index("patient_id")["prob"]
+    omics, slide = _model_probs(layout, "omics"), _model_probs(layout, "slide")
+    has_slide = np.array([i in slide.index for i in ids])
+    metrics: dict[str, Any] = {
+        "split": settings.split, "n_generated": len(rows), "n_parsed": int(parsed.sum()),
+        "parse_rate": float(parsed.mean()) if len(rows) else float("nan"),
+        "auc_text": _auc(y, risk), "auc_text_parsed_only": _auc(y[parsed], risk[parsed]),
+        "auc_fused_head": _auc(y, head.reindex(ids).to_numpy()),
+        "auc_omics_model": _auc(y, omics.reindex(ids).fillna(0.5).to_numpy()) if len(omics) else float("nan"),
+        "auc_slide_model_on_patients_with_slide": _auc(y[has_slide], slide.reindex(ids).to_numpy()[has_slide]),
+        "n_with_slide": int(has_slide.sum()),
+        "outcome_word_accuracy": float(np.mean([r["death"] == bool(r["label"]) for r in rows if r["parsed"]]))
+        if parsed.any() else float("nan"),
+        **{k: v for k, v in total.as_dict().items()},
+        "perplexity_base_generated": base_perplexity(model, tokenizer, texts),
+        "perplexity_base_reference": base_perplexity(model, tokenizer, [r["reference"] for r in rows]),
+        "seconds_per_explanation_batched": gen_seconds / max(1, len(rows)),
+        "seconds_one_explanation": single_seconds,
+        "train": {k: cfg.get(k) for k in ("n_train_patients", "n_val_patients", "best_epoch", "best_val_loss",
+                                          "epochs_run", "train_seconds", "trainable_parameters")},
+    }
+    write_json(metrics, out / "metrics.json")
+    write_expert_export(rows, out)
+    settings.save(layout.settings_file(settings.stage))
+    for line in format_metrics(metrics):
+        log.info(line)
+    return metrics
+
+
+def format_metrics(m: dict[str, Any]) -> list[str]:
+    """The metric lines printed by the CLI."""
+    return [
+        f"parse rate: {m['parse_rate']:.3f} ({m['n_parsed']}/{m['n_generated']} {m['split']} patients)",
+        f"AUC parsed risk: {m['auc_text']:.3f} | fused-embedding head: {m['auc_fused_head']:.3f} | "
+        f"omics model: {m['auc_omics_model']:.3f} | slide model: {m['auc_slide_model_on_patients_with_slide']:.3f} "
+        f"(n={m['n_with_slide']} with slide)",
+        f"outcome words correct: {m['outcome_word_accuracy']:.3f}",
+        f"faithfulness: {m['faithfulness']:.3f} | named genes outside the evidence: {m['hallucinated_gene_rate']:.3f} "
+        f"({m['genes_named']} genes, {m['directions']} directions, {m['numbers']} numbers checked)",
+        f"perplexity under base LLM: generated {m['perplexity_base_generated']:.2f} | reference targets "
+        f"{m['perplexity_base_reference']:.2f}",
+        f"seconds per explanation: {m['seconds_per_explanation_batched']:.2f} batched | "
+        f"{m['seconds_one_explanation']:.2f} alone",
+    ]

@@ -1,0 +1,217 @@
+"""``oncofm reasoning --run RUN``: the reasoning-text dataset ``RUN/reasoning/dataset.jsonl``.
+
+One JSON object per patient::
+
+    {"patient_id", "split", "label" (1 death by 5 y / 0 alive beyond / null), "risk", "risk_source",
+     "evidence": {...}, "target": "... \\nPrediction: ..." or null}
+
+**The risk number in the targets (no leakage).** The target's outcome words are the *true* 5-year
+outcome. The risk number is the probability of the *fused-embedding head*: a logistic regression on the
+fused [omics, slide] embedding (:func:`fit_fused_head`). For training patients it is the **out-of-fold**
+probability (k-fold within the training split, so a patient's own label never shaped its number); for
+validation and test patients it comes from the head fitted on the whole training split (its C picked on
+validation). The LLM therefore learns to state a calibrated probability it could have computed without
+the label, and the number stays comparable between training and test. The outcome words come from the
+truth, so training targets never contradict the data; at test time the text is generated, never copied.
+Patients censored before 5 years have no binary label and no target (they keep an evidence record).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.errors import OncoFMError
+from oncofm.fusion.evidence import cox_lookup, gene_evidence, image_findings
+from oncofm.fusion.fuse import fused_matrix, load_embeddings
+from oncofm.fusion.templates import render_target
+from oncofm.io import atomic_path, write_parquet
+from oncofm.logging_utils import track
+from oncofm.paths import RunLayout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReasoningSettings", "build_reasoning_dataset", "fit_fused_head", "read_dataset", "DATASET_FILE",
+           "HEAD_FILE"]
+
+DATASET_FILE = "dataset.jsonl"
+HEAD_FILE = "fused_head.parquet"
+
+
+class ReasoningSettings(StageSettings):
+    stage: ClassVar[str] = "reasoning"
+
+    run: str
+    top_genes: int = Field(3, ge=1, le=10, description="risk genes and protective genes per patient")
+    horizon_years: float = Field(5.0, gt=0)
+    head_folds: int = Field(5, ge=2, description="folds for the out-of-fold risk of training patients")
+    head_c_grid: list[float] = Field([0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+                                     description="inverse L2 strengths tried; the best validation AUC wins")
+    top_patches: int = Field(8, ge=1, description="most attended patches summarised as image findings")
+    seed: int = 0
+    redo: bool = False
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    try:
+        from oncofm.survival.metrics import auc_score
+    except ImportError:  # pragma: no cover - metrics module is part of the package
+        from sklearn.metrics import roc_auc_score
+
+        return float(roc_auc_score(y, s)) if len(set(y)) == 2 else float("nan")
+    return auc_score(y, s)
+
+
+def fit_fused_head(x: np.ndarray, labels: np.ndarray, split: np.ndarray, *, folds: int = 5,
+                   c_grid: list[float] | tuple[float, ...] = (0.01, 0.1, 1.0), seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logistic regression on the fused embedding: returns ``(prob, is_oof, C)`` for every row.
+
+    ``C`` is chosen by validation AUC (head fitted on labelled training rows). Labelled training rows get
+    out-of-fold probabilities (stratified ``folds``-fold); every other row gets the full training fit.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    lab = ~np.isnan(labels)
+    tr = lab & (split == "train")
+    va = lab & (split == "val")
+    if tr.sum() < 2 * folds or len(set(labels[tr])) < 2:
+        raise OncoFMError(f"the fused head needs labelled training patients of both classes (have {tr.sum()}); "
+                          "check cohort/splits.parquet and the 5-year labels")
+
+    def model(c: float):  # noqa: ANN202
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+
+    best_c, best_auc = c_grid[0], -1.0
+    for c in c_grid:
+        if va.sum() == 0:
+            break
+        m = model(c).fit(x[tr], labels[tr])
+        auc = _auc(labels[va], m.predict_proba(x[va])[:, 1])
+        if auc > best_auc:
+            best_c, best_auc = c, auc
+    full = model(best_c).fit(x[tr], labels[tr])
+    prob = full.predict_proba(x)[:, 1]
+    oof = np.zeros(len(x), dtype=bool)
+    idx = np.flatnonzero(tr)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_i, pred_i in skf.split(idx, labels[idx]):
+        m = model(best_c).fit(x[idx[fit_i]], labels[idx[fit_i]])
+        prob[idx[pred_i]] = m.predict_proba(x[idx[pred_i]])[:, 1]
+        oof[idx[pred_i]] = True
+    log.info("fused head: C=%g (validation AUC %.3f)", best_c, best_auc)
+    return prob, oof, float(best_c)
+
+
+def _load_optional(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
+    """Write ``reasoning/dataset.jsonl`` and ``reasoning/fused_head.parquet``; returns their paths."""
+    from oncofm.cohort.importing import load_patients
+    from oncofm.cohort.normalize import load_normalized_expression
+    from oncofm.cohort.schema import five_year_labels
+    from oncofm.cohort.splits import load_splits
+
+    layout = RunLayout(settings.run)
+    out_dir = layout.reasoning_dir
+    target, head_path = out_dir / DATASET_FILE, out_dir / HEAD_FILE
+    settings_file = layout.settings_file(settings.stage)
+    if target.exists() and head_path.exists() and not settings.redo and settings.same_as_saved(settings_file, ("redo",)):
+        log.info("%s exists with the same settings; skipping (use --redo to rebuild)", target)
+        return {"dataset": target, "fused_head": head_path}
+
+    patients = load_patients(settings.run)
+    splits = load_splits(settings.run).set_index("patient_id")["split"]
+    patients = patients[patients["patient_id"].isin(splits.index)].reset_index(drop=True)
+    ids = patients["patient_id"].astype(str).tolist()
+    labels = five_year_labels(patients, settings.horizon_years).reindex(ids).to_numpy(dtype=float)
+    split = splits.reindex(ids).astype(str).to_numpy()
+
+    omics_dir, slide_dir = layout.model_dir("omics"), layout.model_dir("slide")
+    if not (omics_dir / "embeddings.parquet").exists() and not (slide_dir / "embeddings.parquet").exists():
+        raise OncoFMError("neither models/omics/embeddings.parquet nor models/slide/embeddings.parquet exists; "
+                          "run `oncofm train omics --run RUN` (and/or `oncofm train slide`) first")
+    emb = load_embeddings(settings.run, ids)
+    prob, oof, c = fit_fused_head(fused_matrix(emb), labels, split, folds=settings.head_folds,
+                                  c_grid=settings.head_c_grid, seed=settings.seed)
+    write_parquet(pd.DataFrame({"patient_id": ids, "split": split, "label": labels, "prob": prob, "oof": oof}),
+                  head_path)
+
+    omics_pred = _load_optional(omics_dir / "predictions.parquet")
+    omics_prob = (omics_pred.groupby("patient_id")["prob"].mean() if omics_pred is not None else pd.Series(dtype=float))
+    slide_pred = _load_optional(slide_dir / "predictions.parquet")
+    slide_prob = (slide_pred.groupby("patient_id")["prob"].mean() if slide_pred is not None else pd.Series(dtype=float))
+    slide_ids = (slide_pred.groupby("patient_id")["slide_id"].first() if slide_pred is not None
+                 and "slide_id" in slide_pred else pd.Series(dtype=str))
+    attributions = _load_optional(omics_dir / "attributions.parquet")
+    att_groups = dict(tuple(attributions.groupby("patient_id"))) if attributions is not None else {}
+    cox = cox_lookup(_load_optional(layout.coefficients), settings.horizon_years)
+    try:
+        z = load_normalized_expression(settings.run)
+    except OncoFMError:
+        z = pd.DataFrame()
+
+    records = []
+    for i, pid in enumerate(track(ids, "evidence records")):
+        row = patients.iloc[i]
+        ev = _evidence(settings, pid, row, emb.has_omics[i], emb.has_slide[i], omics_prob, slide_prob, slide_ids,
+                       att_groups, z, cox)
+        lab = labels[i]
+        text = None if np.isnan(lab) else render_target(ev, death=bool(lab == 1), risk=float(prob[i]),
+                                                           seed=f"{settings.seed}:{pid}")
+        records.append({"patient_id": pid, "split": split[i], "label": None if np.isnan(lab) else int(lab),
+                        "risk": round(float(prob[i]), 2),
+                        "risk_source": "fused_head_oof" if oof[i] else "fused_head", "evidence": ev,
+                        "target": text})
+    with atomic_path(target) as tmp, open(tmp, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    settings.save(settings_file)
+    n_t = sum(r["target"] is not None for r in records)
+    log.info("wrote %d evidence records (%d with a target text; head C=%g) to %s", len(records), n_t, c, target)
+    return {"dataset": target, "fused_head": head_path}
+
+
+def _evidence(settings: ReasoningSettings, pid: str, row: pd.Series, has_omics: bool, has_slide: bool,
+              omics_prob: pd.Series, slide_prob: pd.Series, slide_ids: pd.Series, att_groups: dict,
+              z: pd.DataFrame, cox: dict) -> dict:
+    ct = str(row["cancer_type"])
+    age = row.get("age")
+    ev: dict = {"cancer_type": ct, "age": None if pd.isna(age) else float(age),
+                "omics_prob": None, "risk_genes": [], "protective_genes": [], "slide_prob": None, "image": None,
+                "missing": []}
+    if has_omics and pid in omics_prob.index:
+        ev["omics_prob"] = round(float(omics_prob[pid]), 2)
+        if pid in att_groups:
+            zrow = z.loc[pid] if pid in z.index else pd.Series(dtype=float)
+            ev["risk_genes"], ev["protective_genes"] = gene_evidence(att_groups[pid], zrow, ct, cox,
+                                                                     settings.top_genes)
+    else:
+        ev["missing"].append("omics")
+    if has_slide and pid in slide_prob.index:
+        ev["slide_prob"] = round(float(slide_prob[pid]), 2)
+        if pid in slide_ids.index:
+            stem = Path(str(slide_ids[pid])).name
+            stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
+            ev["image"] = image_findings(settings.run, stem, top_k=settings.top_patches, seed=settings.seed)
+    else:
+        ev["missing"].append("slide")
+    return ev
+
+
+def read_dataset(run: str | Path) -> list[dict]:
+    """The records of ``reasoning/dataset.jsonl``."""
+    layout = RunLayout(run)
+    path = layout.require(layout.reasoning_dir / DATASET_FILE, "Run `oncofm reasoning --run RUN` first.")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
