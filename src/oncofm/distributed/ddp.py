@@ -37,23 +37,24 @@ def launch_command(args: Sequence[str], num_processes: int, launcher: Launcher =
                    cpu: bool = True) -> list[str]:
     """The command line that runs ``python -m <args>`` in ``num_processes`` DDP processes on this machine.
 
-    ``args`` starts with a module name (``["oncofm", "train", "omics", ...]``). Multi-node runs add the
+    ``args`` starts with a module name (``["oncofm", "train", "omics", ...]``) or a ``.py`` script. Multi-node runs add the
     launcher's own ``--nnodes/--node_rank/--rdzv_endpoint`` (torchrun) or ``--num_machines/
     --machine_rank/--main_process_ip`` (accelerate) on every node.
     """
     if num_processes < 1:
         raise OncoFMError(f"num_processes must be at least 1, got {num_processes}")
     module, *rest = args
+    target = [module, *rest] if module.endswith(".py") else ["-m", module, *rest]  # a script or a module
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-                "-m", module, *rest]
+                *target]
     if launcher == "accelerate":
         # accelerate's --cpu flag means ONE process; --multi_gpu runs torchrun underneath, and without GPUs
         # (or with TrainSettings.device="cpu") every process falls back to CPU + gloo (MULTI_CPU).
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd += ["--multi_gpu"] if num_processes > 1 else (["--cpu"] if cpu else [])
-        return [*cmd, "-m", module, *rest]
+        return [*cmd, *target]
     raise OncoFMError(f"unknown launcher '{launcher}'; choose torchrun or accelerate")
 
 
@@ -73,6 +74,27 @@ def launch(args: Sequence[str], num_processes: int, *, launcher: Launcher = "tor
         raise OncoFMError(f"{launcher} with {num_processes} processes failed (exit {proc.returncode}):\n"
                           f"{proc.stderr[-3000:]}")
     return proc
+
+
+def all_gather_with_grad(x: Any) -> Any:
+    """Concatenate ``x`` (B_local, ...) from every DDP process along dim 0, keeping the autograd graph.
+
+    For losses that are not a mean of per-item terms — the Cox partial likelihood (risk sets span the batch),
+    a mean over the labelled items of a batch, contrastive losses — each process must see the *global* batch.
+    Compute the loss on the gathered outputs on every process: the gather's backward sums the gradient
+    that every process sends to this process's items, and DDP's gradient averaging divides by N again, so
+    the update equals the one-process update on the same global batch. Without a process group (one
+    process) this returns ``x`` unchanged. Items are gathered in process order, which with
+    ``split_batches`` is the order of the global batch.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)  # (B_global, ...)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -165,18 +187,36 @@ def write_probe_data(run: str | Path, target: str | Path, max_genes: int | None 
     return Path(target)
 
 
+def train_stage(stage: str, settings_file: str | Path) -> None:
+    """Run a training stage's library function from a settings YAML (so a launcher can start it)."""
+    if stage != "omics":
+        raise OncoFMError(f"unknown training stage '{stage}'; this entry point knows: omics")
+    from oncofm.omics.train import OmicsTrainSettings, train_omics
+
+    train_omics(OmicsTrainSettings.from_yaml(settings_file))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m oncofm.distributed.ddp --data probe.npz --out DIR`` (under torchrun / accelerate launch)."""
-    parser = argparse.ArgumentParser(description="DDP check: train a small MLP with the shared training loop")
-    parser.add_argument("--data", required=True, help="npz with x_train, y_train, x_val, y_val")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    """Entry point for launchers: ``python -m oncofm.distributed.ddp probe|omics ...``."""
+    parser = argparse.ArgumentParser(prog="python -m oncofm.distributed.ddp",
+                                     description="DDP checks with the shared training loop")
+    sub = parser.add_subparsers(dest="command", required=True)
+    probe = sub.add_parser("probe", help="train a small MLP on a probe npz (write_probe_data)")
+    probe.add_argument("--data", required=True, help="npz with x_train, y_train, x_val, y_val")
+    probe.add_argument("--out", required=True)
+    probe.add_argument("--epochs", type=int, default=4)
+    probe.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    probe.add_argument("--lr", type=float, default=1e-3)
+    probe.add_argument("--hidden", type=int, default=64)
+    probe.add_argument("--seed", type=int, default=0)
+    stage = sub.add_parser("omics", help="train the omics model (train_omics) from a settings YAML")
+    stage.add_argument("--settings", required=True, help="OmicsTrainSettings YAML (settings.save(...))")
     a = parser.parse_args(argv)
-    train_probe(a.data, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, hidden=a.hidden, seed=a.seed)
+    if a.command == "probe":
+        train_probe(a.data, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, hidden=a.hidden,
+                    seed=a.seed)
+    else:
+        train_stage(a.command, a.settings)
 
 
 if __name__ == "__main__":
