@@ -83,8 +83,8 @@ def double_fusion(evidence, omics, slide, layout) -> S.FusionResult:  # noqa: AN
     """TEST DOUBLE of the fusion LLM: the reasoning stage's template text for the evidence."""
     from oncofm.fusion.templates import render_target
 
-    risk = evidence.get("omics_prob", evidence.get("slide_prob", 0.5))
-    text = f"{DOUBLE_TAG} " + render_target(evidence, death=risk >= 0.5, risk=risk, seed=evidence["patient_id"])
+    risk = evidence.get("omics_prob") or evidence.get("slide_prob") or 0.5
+    text = f"{DOUBLE_TAG} " + render_target(evidence, death=risk >= 0.5, risk=risk, seed=evidence["cancer_type"])
     outcome, parsed = S.parse_prediction(text)
     return S.FusionResult(text=text, risk=parsed, prediction=outcome, version="TEST-DOUBLE")
 
@@ -99,7 +99,7 @@ def double_steps(omics: bool = False) -> InferenceSteps:
 
 
 def test_doubles_are_labelled():
-    text = double_fusion({"patient_id": "p", "cancer_type": "KIRC", "slide_prob": 0.7, "missing": ["omics"]},
+    text = double_fusion({"cancer_type": "KIRC", "slide_prob": 0.7, "missing": ["omics"]},
                          None, None, None).text
     assert text.startswith(DOUBLE_TAG)
     assert S.parse_prediction(text) == ("death within 5 years", 0.7)

@@ -415,13 +415,14 @@ def build_evidence(patient: PatientInput, omics: OmicsResult | None, slide: Slid
                    summary: PatchSummary | None, n_genes: int = 3) -> dict[str, Any]:
     """The patient's evidence record in the reasoning stage's format (``oncofm.fusion.evidence``).
 
-    Keys: ``patient_id, cancer_type, age, omics_prob, risk_genes, protective_genes, slide_prob, image,
-    missing``; genes as ``{gene, z, cox, q, attribution}``; image as ``{n_patches, top_fraction,
+    Keys: ``cancer_type, age, omics_prob, risk_genes, protective_genes, slide_prob, image, missing``; genes as ``{gene, z, cox, q, attribution}``; image as ``{n_patches, top_fraction,
     top_share, findings: [{feature, name, top, slide, ratio}]}``.
     """
     ev_mod = _optional_import("oncofm.fusion.evidence", "the evidence record (oncofm.fusion.evidence)")
-    ev: dict[str, Any] = {"patient_id": patient.patient_id, "cancer_type": patient.cancer_type,
-                          "age": patient.age, "missing": []}
+    # the same keys, in the same order, as the reasoning stage's records (oncofm.fusion.reasoning)
+    ev: dict[str, Any] = {"cancer_type": patient.cancer_type, "age": patient.age, "omics_prob": None,
+                          "risk_genes": [], "protective_genes": [], "slide_prob": None, "image": None,
+                          "missing": []}
     if omics is None:
         ev["missing"].append("omics")
     else:
@@ -475,7 +476,7 @@ def run_fusion(evidence: dict[str, Any], omics: OmicsResult | None, slide: Slide
     d_omics, d_slide = int(cfg["d_omics"]), int(cfg["d_slide"])
     om = _embedding_or_zeros(None if omics is None else omics.embedding, d_omics, "omics")
     sl = _embedding_or_zeros(None if slide is None else slide.embedding, d_slide, "slide")
-    item = encode_item(tokenizer, {"patient_id": evidence["patient_id"], "evidence": evidence}, om, sl,
+    item = encode_item(tokenizer, {"patient_id": "patient", "evidence": evidence}, om, sl,
                        omics is not None and omics.embedding is not None,
                        slide is not None and slide.embedding is not None, with_target=False)
     text = generate_texts(model, tokenizer, [item], batch_size=1, progress=False)[0]
