@@ -62,7 +62,7 @@ def test_efron_matches_lifelines(train_data: dict, ct: str) -> None:
     from lifelines import CoxPHFitter
 
     x, t, e = train_data[ct]
-    genes = _sample_genes(x, 8, seed=hash(ct) % 1000)
+    genes = _sample_genes(x, 8, seed=sum(map(ord, ct)))
     fit = BatchedCoxPH(ties="efron").fit(x[genes], t, e).summary_
     for g in genes:
         df = pd.DataFrame({"x": x[g].to_numpy(dtype=float), "t": t, "e": e})

@@ -22,8 +22,10 @@ A gene leaves the batch once its Newton step is below ``tol``.
 
 Honest failures give NaN (never inf) with the reason in ``note_``; a :class:`ConvergenceWarning`
 counts them: fewer than ``min_events`` events, missing values only, a constant gene, complete
-separation (the coefficient diverges: ``|beta| * sd(x)`` exceeds ``max_log_hr``, or the information
-vanishes), or no convergence within ``max_iter`` iterations.
+separation (checked exactly before fitting: every death has the highest — or every death the lowest — value
+in its risk set, so the likelihood is monotone and the estimate infinite; and during fitting: the log hazard
+ratio across the gene's observed range, ``|beta| * (max x - min x)``, exceeds ``max_log_hr``, or the
+information vanishes), or no convergence within ``max_iter`` iterations.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class _Stratum:
     end: np.ndarray         # (K,) last position of each event time's risk set (prefix end)
     d: np.ndarray           # (K,) float: deaths at each event time
     death_pos: np.ndarray   # (D,) positions of the deaths
+    death_end: np.ndarray   # (D,) prefix end of each death's risk set
     tied_k: np.ndarray      # (Kt,) event-time index of each tied event time (d_k > 1)
     tied_pos: np.ndarray    # (Dt,) positions of the deaths at tied times, grouped by time
     tied_start: np.ndarray  # (Kt,) start of each tied time's group within tied_pos (for reduceat)
@@ -96,7 +99,8 @@ def _build_stratum(time: np.ndarray, event: np.ndarray, rows: np.ndarray) -> _St
     extra_slot = np.repeat(np.arange(len(tied_k)), dt - 1)                  # l = 1..d_k-1 per tied time
     starts = np.cumsum(dt - 1) - (dt - 1)
     extra_l = np.arange(len(extra_slot)) - np.repeat(starts, dt - 1) + 1
-    return _Stratum(rows=rows, end=n_at_risk - 1, d=d.astype(np.float64), death_pos=death_pos, tied_k=tied_k,
+    return _Stratum(rows=rows, end=n_at_risk - 1, d=d.astype(np.float64), death_pos=death_pos,
+                    death_end=(n_at_risk - 1)[death_k], tied_k=tied_k,
                     tied_pos=death_pos[d[death_k] > 1], tied_start=np.cumsum(dt) - dt, extra_slot=extra_slot,
                     extra_a=(extra_l / np.repeat(dt, dt - 1))[None, :], n_events=int(e.sum()))
 
@@ -175,8 +179,9 @@ class BatchedCoxPH:
     min_events : int
         Fewer events than this (after dropping missing values) gives NaN with a note.
     max_log_hr : float
-        Complete separation is declared when ``|coef| * sd(x)`` exceeds this (a hazard ratio of
-        ``e^max_log_hr`` per standard deviation), or when the information vanishes.
+        Separation is declared when ``|coef| * (max x - min x)`` exceeds this (a hazard ratio of
+        ``e^max_log_hr`` between the gene's lowest and highest value), or when the information vanishes.
+        Exact complete separation (a monotone likelihood) is detected before fitting.
     max_halvings : int
         Step halvings allowed within one iteration when the log-likelihood decreases.
 
@@ -209,7 +214,7 @@ class BatchedCoxPH:
 
     def __init__(self, ties: str = "efron", tol: float = 1e-9, max_iter: int = 50,
                  chunk_size: int | None = None, memory_mb: float = 512.0, min_events: int = 1,
-                 max_log_hr: float = 20.0, max_halvings: int = 30) -> None:
+                 max_log_hr: float = 30.0, max_halvings: int = 30) -> None:
         self.ties = ties
         self.tol = tol
         self.max_iter = max_iter
@@ -351,11 +356,16 @@ class BatchedCoxPH:
         constant = sd <= 1e-12 * np.maximum(1.0, scale)
         where = " within every stratum" if len(blocks) > 1 else ""
         self.note_[cols[constant]] = f"{NOTE_CONSTANT} (no variation{where})"
-        active = np.flatnonzero(~constant)                                           # positions within cols
+        span_all = np.max([blk.xmax - blk.xmin for blk in blocks], axis=0)
+        monotone = _monotone_likelihood(blocks, strata) & ~constant
+        self.note_[cols[monotone]] = (f"{NOTE_SEPARATION} (every death has the extreme value in its risk set: "
+                                      "the likelihood is monotone, the estimate infinite)")
+        active = np.flatnonzero(~constant & ~monotone)                               # positions within cols
         if len(active) < len(cols):
             blocks = [blk.select(active) for blk in blocks]
         n_events = sum(st.n_events for st in strata)
         sd_a = sd[active]
+        span = span_all[active]                                                      # (A,) observed range
         b = np.zeros(len(active))
         ll, grad, info = _loglik_grad_info(b, blocks, strata, efron)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -366,7 +376,7 @@ class BatchedCoxPH:
         while len(active):
             no_info = ~(info > 1e-12 * n_events * sd_a**2)                     # information vanished (or NaN)
             done = (np.abs(step) < self.tol) & ~no_info
-            diverged = ~done & (no_info | ~np.isfinite(step) | (np.abs(b + step) * sd_a > self.max_log_hr))
+            diverged = ~done & (no_info | ~np.isfinite(step) | (np.abs(b + step) * span > self.max_log_hr))
             out_of_iter = (n_iter >= self.max_iter) & ~done & ~diverged
             idx = cols[active[done]]
             self.coef_[idx] = (b + step)[done]                                  # the last (tiny) step for free
@@ -374,14 +384,15 @@ class BatchedCoxPH:
             self.loglik_[idx] = ll[done]
             self.converged_[idx] = True
             self.note_[cols[active[diverged]]] = (
-                f"{NOTE_SEPARATION} (coefficient diverges: |coef| * sd > {self.max_log_hr:g} or no information)")
+                f"{NOTE_SEPARATION} (coefficient diverges: |coef| * range(x) > {self.max_log_hr:g} or no information)")
             self.note_[cols[active[out_of_iter]]] = f"{NOTE_NOT_CONVERGED} in max_iter={self.max_iter} iterations"
             self.n_iter_[cols[active]] = n_iter
             keep = ~(done | diverged | out_of_iter)
             if not keep.all():                                                  # finished genes leave the batch
                 blocks = [blk.select(keep) for blk in blocks]
                 b, ll, grad, info, step = b[keep], ll[keep], grad[keep], info[keep], step[keep]
-                active, halvings, n_iter, sd_a = active[keep], halvings[keep], n_iter[keep], sd_a[keep]
+                active, halvings, n_iter, sd_a, span = (active[keep], halvings[keep], n_iter[keep], sd_a[keep],
+                                                        span[keep])
                 if not len(active):
                     break
             # propose the Newton step; halve it where the log-likelihood went down
@@ -417,6 +428,23 @@ class BatchedCoxPH:
                              "events": self.events_, "converged": self.converged_,
                              "note": self.note_.astype(str)},
                             index=pd.Index(self.feature_names_in_, name="gene"))
+
+
+def _monotone_likelihood(blocks: Sequence[_Block], strata: Sequence[_Stratum]) -> np.ndarray:
+    """(A,) True where the partial likelihood is monotone in the coefficient (no finite estimate).
+
+    The log-likelihood is concave, and its score tends to ``sum_deaths (x_death - max_{risk set} x)`` as
+    the coefficient grows (Breslow and Efron alike), which is <= 0 and 0 exactly when every death has
+    the largest value in its risk set (in every stratum); likewise towards -inf with the smallest.
+    """
+    up = np.ones(blocks[0].x.shape[0], dtype=bool)
+    down = up.copy()
+    for blk, st in zip(blocks, strata, strict=True):
+        xd = blk.x[:, st.death_pos]                                              # (A, D)
+        tol = 1e-12 * np.maximum(1.0, np.maximum(np.abs(blk.xmax), np.abs(blk.xmin)))[:, None]
+        up &= (xd >= np.maximum.accumulate(blk.x, axis=1)[:, st.death_end] - tol).all(axis=1)
+        down &= (xd <= np.minimum.accumulate(blk.x, axis=1)[:, st.death_end] + tol).all(axis=1)
+    return up | down
 
 
 def _missingness_groups(missing: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

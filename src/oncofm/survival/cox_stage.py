@@ -51,6 +51,7 @@ class CoxSettings(StageSettings):
     tol: float = Field(1e-9, gt=0, description="Newton step below which a gene has converged")
     max_iter: int = Field(50, ge=1)
     memory_mb: float = Field(512.0, gt=0, description="working-memory budget of one gene chunk")
+    n_jobs: int = Field(2, ge=1, description="threads for the per-type fits (each uses memory_mb)")
     plots: bool = True
     heatmap_genes: int = Field(40, ge=2, description="genes shown in the cross-cancer heatmap")
     redo: bool = False
@@ -59,13 +60,16 @@ class CoxSettings(StageSettings):
 def fit_coefficients(expression: pd.DataFrame, time: np.ndarray, event: np.ndarray, cancer_types: np.ndarray,
                      *, horizon_years: float | None = 5.0, ties: str = "efron", min_events: int = 10,
                      pan_cancer: bool = True, tol: float = 1e-9, max_iter: int = 50, memory_mb: float = 512.0,
-                     progress: bool = True) -> pd.DataFrame:
+                     n_jobs: int = 1, progress: bool = True) -> pd.DataFrame:
     """The coefficient table (columns :data:`COLUMNS`) for patients × genes ``expression``.
 
     ``time`` (days), ``event`` and ``cancer_types`` are aligned with the rows of ``expression``;
-    survival is censored at ``horizon_years`` first. Failed fits keep NaN and a note; one warning
-    per call counts them.
+    survival is censored at ``horizon_years`` first. The per-cancer-type fits and gene blocks of the
+    pan-cancer fit run on ``n_jobs`` threads (numpy releases the GIL in the array work). Failed fits
+    keep NaN and a note; one warning per call counts them.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     t, e = censor_at_horizon(time, event, horizon_years)
     cancer_types = np.asarray(cancer_types).astype(str)
     values = expression.to_numpy()
@@ -73,40 +77,39 @@ def fit_coefficients(expression: pd.DataFrame, time: np.ndarray, event: np.ndarr
         values = values.astype(np.float32)
     genes = expression.columns.astype(str)
     est = dict(ties=ties, min_events=min_events, tol=tol, max_iter=max_iter, memory_mb=memory_mb)
-    notes: Counter[str] = Counter()
-    parts = []
 
-    def run(x: np.ndarray, rows: np.ndarray, strata: np.ndarray | None, label: str, cols: slice) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit = BatchedCoxPH(**est).fit(x, t[rows], e[rows], strata=strata)
-        s = fit.summary_.reset_index(drop=True)
+    # tasks: (label, patient rows, gene slice, stratified?)
+    tasks: list[tuple[str, np.ndarray, slice, bool]] = [
+        (ct, np.flatnonzero(cancer_types == ct), slice(None), False) for ct in sorted(set(cancer_types))]
+    if pan_cancer:
+        block = 1000
+        tasks += [(PAN_CANCER, np.arange(len(t)), slice(i, i + block), True) for i in range(0, len(genes), block)]
+
+    def fit(task: tuple[str, np.ndarray, slice, bool]) -> pd.DataFrame:
+        label, rows, cols, stratified = task
+        x = values[:, cols] if stratified else values[rows]
+        res = BatchedCoxPH(**est).fit(x, t[rows], e[rows], strata=cancer_types[rows] if stratified else None)
+        s = res.summary_.reset_index(drop=True)
         s.insert(0, "gene", genes[cols])
         s.insert(1, "cancer_type", label)
-        notes.update(str(n).split(" (")[0] for n in s["note"] if n)
-        parts.append(s)
+        return s
 
-    types = sorted(set(cancer_types))
-    for ct in track(types, "Cox per cancer type", enabled=progress):
-        rows = np.flatnonzero(cancer_types == ct)
-        run(values[rows], rows, None, ct, slice(None))
-    if pan_cancer:
-        step = 2000
-        all_rows = np.arange(len(t))
-        for start in track(range(0, len(genes), step), "Cox stratified pan-cancer", enabled=progress):
-            cols = slice(start, start + step)
-            run(values[:, cols], all_rows, cancer_types, PAN_CANCER, cols)
+    with warnings.catch_warnings():  # set once for every thread; counted below instead
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+            parts = list(track(pool.map(fit, tasks), "Cox fits (per cancer type, then pan-cancer blocks)",
+                               total=len(tasks), enabled=progress))
     table = pd.concat(parts, ignore_index=True)
     table.insert(2, "horizon_years", float(horizon_years) if horizon_years is not None else np.nan)
     table["q"] = bh_by_group(table, "cancer_type")
     table = table[list(COLUMNS)]
     table["n"] = table["n"].astype(np.int64)
     table["events"] = table["events"].astype(np.int64)
+    notes = Counter(str(n).split(" (")[0] for n in table["note"] if n)
     if notes:
-        total = sum(notes.values())
         detail = ", ".join(f"{c} {k}" for k, c in notes.most_common())
         log.warning("%d of %d gene × cancer-type fits have no estimate (NaN, reason in 'note'): %s",
-                    total, len(table), detail)
+                    sum(notes.values()), len(table), detail)
     return table
 
 
@@ -145,7 +148,8 @@ def run_cox(settings: CoxSettings) -> dict[str, Path]:
     table = fit_coefficients(expression, patients[Col.OS_DAYS].to_numpy(dtype=float), events,
                              patients[Col.CANCER].to_numpy(), horizon_years=settings.horizon_years,
                              ties=settings.ties, min_events=settings.min_events, pan_cancer=settings.pan_cancer,
-                             tol=settings.tol, max_iter=settings.max_iter, memory_mb=settings.memory_mb)
+                             tol=settings.tol, max_iter=settings.max_iter, memory_mb=settings.memory_mb,
+                             n_jobs=settings.n_jobs)
     if table["coef"].notna().sum() == 0:
         raise OncoFMError("no Cox model could be fitted (every gene × cancer type failed; see the notes "
                           f"in the log); lower --min-events (now {settings.min_events}) or check the survival data")
