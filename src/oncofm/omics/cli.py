@@ -1,17 +1,64 @@
-"""Command-line commands of this stage (registered into the root app)."""
+"""``oncofm train omics`` and ``oncofm evaluate`` (thin wrappers over oncofm.omics.train / evaluate)."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from oncofm.errors import OncoFMError
+import typer
 
 
 def register(app: typer.Typer, train_app: typer.Typer) -> None:
-    @train_app.command("omics", help="Train the tabular transformer on gene tokens (issue 5).")
-    def _omics_train() -> None:
-        raise OncoFMError("`train omics` is not implemented yet")
+    @train_app.command("omics")
+    def train_omics_cmd(
+        run: Path = typer.Option(..., "--run", "-r", help="Run directory with cohort/, cox/ and features/."),
+        config: Path | None = typer.Option(None, help="YAML with any OmicsTrainSettings (options below win)."),
+        max_genes: int | None = typer.Option(None, help="Gene tokens: the first N of features/genes.txt [64]."),
+        d_model: int | None = typer.Option(None, help="Token width [32]."),
+        n_layers: int | None = typer.Option(None, help="Transformer layers [2]."),
+        n_heads: int | None = typer.Option(None, help="Attention heads [4]."),
+        dropout: float | None = typer.Option(None, help="Dropout [0.1]."),
+        cox_weight: float | None = typer.Option(None, help="Weight of the auxiliary Cox loss; 0 = BCE only [0.5]."),
+        epochs: int | None = typer.Option(None, help="Maximum epochs [30]."),
+        patience: int | None = typer.Option(None, help="Early-stopping patience on the validation score [8]."),
+        lr: float | None = typer.Option(None, help="Learning rate [1e-3]."),
+        batch_size: int | None = typer.Option(None, help="Batch size [128]."),
+        seed: int | None = typer.Option(None, help="Random seed [0]."),
+        baselines: str | None = typer.Option(None, help="Comma-separated baselines "
+                                             "[clinical,logistic_l2,coxnet,hgb]; '' for none."),
+        ig_steps: int | None = typer.Option(None, help="Integrated-gradient steps [8]."),
+        n_boot: int | None = typer.Option(None, help="Bootstrap resamples for the AUC CI [1000]."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+        redo: bool = typer.Option(False, help="Retrain even if the model exists with the same settings."),
+    ) -> None:
+        """Train the gene-token transformer for 5-year survival; evaluate it and the baselines on the test split.
 
-    @app.command("evaluate", help="Apply a trained model to another cohort (issue 5).")
-    def _evaluate() -> None:
-        raise OncoFMError("`evaluate` is not implemented yet")
+        Writes RUN/models/omics/ (model.safetensors, config.yaml, metrics.json, predictions, embeddings,
+        attributions, ROC and calibration plots) and prints the side-by-side table.
+        """
+        from oncofm.omics.train import OmicsTrainSettings, train_omics
+
+        values = dict(run=str(run), max_genes=max_genes, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                      dropout=dropout, cox_weight=cox_weight, epochs=epochs, patience=patience, lr=lr,
+                      batch_size=batch_size, seed=seed, ig_steps=ig_steps, n_boot=n_boot,
+                      progress=False if no_progress else None, redo=redo or None,
+                      baselines=None if baselines is None else [b for b in baselines.split(",") if b.strip()])
+        settings = (OmicsTrainSettings.from_yaml(config, **values) if config is not None
+                    else OmicsTrainSettings.build(**values))
+        for name, path in train_omics(settings).items():
+            typer.echo(f"{name}: {path}")
+
+    @app.command("evaluate")
+    def evaluate_cmd(
+        run: Path = typer.Option(..., "--run", "-r", help="Run with a trained omics model."),
+        cohort: Path = typer.Option(..., "--cohort", "-c", help="Another imported run to evaluate on."),
+        min_coverage: float = typer.Option(0.7, help="Stop when the cohort has fewer of the model's genes."),
+        normalization: str = typer.Option("auto", help="auto | cohort | model: whose normalisation statistics."),
+        n_boot: int = typer.Option(1000, help="Bootstrap resamples for the AUC CI."),
+    ) -> None:
+        """Apply a trained omics model, unchanged, to another cohort (coverage %, per-cancer metrics)."""
+        from oncofm.omics.evaluate import EvaluateSettings, evaluate_cohort
+
+        paths = evaluate_cohort(EvaluateSettings.build(run=str(run), cohort=str(cohort), min_coverage=min_coverage,
+                                                       normalization=normalization, n_boot=n_boot))
+        for name, path in paths.items():
+            typer.echo(f"{name}: {path}")

@@ -1,0 +1,166 @@
+"""Baselines run beside the omics transformer: same split, same features.
+
+- ``clinical``: logistic regression on cancer type (one-hot) + age + sex only;
+- ``logistic_l2``: L2 logistic regression on the gene features + clinical covariates;
+- ``coxnet``: Cox elastic net (scikit-survival ``CoxnetSurvivalAnalysis``, l1_ratio 0.5) on the same,
+  trained on every training patient (follow-up censored at the horizon), P(death) from its survival curve;
+- ``hgb``: histogram gradient boosting classifier on the same.
+
+The gene features are the pair tensor's expression and expression × coefficient (the gene's Cox log-hazard
+contribution), i.e. the transformer's inputs flattened. Each baseline picks its one regularisation
+hyperparameter on the validation split (AUC + C-index), exactly like the transformer picks its epoch;
+the test split is only predicted. A registry maps names to builders so more can be added.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from oncofm.omics.data import ClinicalEncoder, OmicsTable
+from oncofm.survival.endpoints import censor_at_horizon, horizon_days
+from oncofm.survival.metrics import auc_score, harrell_c_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaselinePrediction:
+    """Predictions of one fitted baseline for the validation and test patients."""
+
+    name: str
+    val_prob: np.ndarray
+    test_prob: np.ndarray
+    test_risk: np.ndarray
+    chosen: str  # the hyperparameter picked on validation
+
+
+def gene_design(table: OmicsTable) -> np.ndarray:
+    """(N, 2G) expression and expression × coefficient."""
+    x, c = table.pairs[..., 0], table.pairs[..., 1]
+    return np.concatenate([x, x * c], axis=1).astype(np.float32)
+
+
+def _val_score(table: OmicsTable, prob: np.ndarray) -> float:
+    has = ~np.isnan(table.label)
+    return np.nanmean([auc_score(table.label[has], prob[has]), harrell_c_index(table.time, table.event, prob)])
+
+
+def _select(name: str, grid: list, fit_predict: Callable, val: OmicsTable) -> tuple:
+    """Fit every grid value, keep the best on validation; returns (value, model)."""
+    best = (-np.inf, None, None)
+    for value in grid:
+        model, prob_fn = fit_predict(value)
+        score = _val_score(val, prob_fn(model, "val"))
+        log.debug("%s %s: val score %.4f", name, value, score)
+        if score > best[0]:
+            best = (score, value, model)
+    return best[1], best[2]
+
+
+def _logistic(features: Callable[[OmicsTable], np.ndarray], grid: list[float]) -> Callable:
+    def run(train: OmicsTable, val: OmicsTable, test: OmicsTable, name: str) -> BaselinePrediction:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        has = ~np.isnan(train.label)
+        xs = {"train": features(train), "val": features(val), "test": features(test)}
+
+        def fit_predict(c: float):  # noqa: ANN202
+            m = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+            m.fit(xs["train"][has], train.label[has].astype(int))
+            return m, lambda m, part: m.predict_proba(xs[part])[:, 1]
+
+        c, model = _select(name, grid, fit_predict, val)
+        prob = model.predict_proba(xs["test"])[:, 1]
+        return BaselinePrediction(name, model.predict_proba(xs["val"])[:, 1], prob, prob, f"C={c:g}")
+
+    return run
+
+
+def _coxnet(features: Callable[[OmicsTable], np.ndarray]) -> Callable:
+    def run(train: OmicsTable, val: OmicsTable, test: OmicsTable, name: str) -> BaselinePrediction:
+        from sklearn.preprocessing import StandardScaler
+        from sksurv.linear_model import CoxnetSurvivalAnalysis
+        from sksurv.util import Surv
+
+        scaler = StandardScaler().fit(features(train))
+        xs = {"train": scaler.transform(features(train)), "val": scaler.transform(features(val)),
+              "test": scaler.transform(features(test))}
+        t, e = censor_at_horizon(train.time, train.event, train.horizon_years)
+        y = Surv.from_arrays(event=e.astype(bool), time=t)
+        h = horizon_days(train.horizon_years)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=20, alpha_min_ratio=0.01, max_iter=2000,
+                                           fit_baseline_model=True).fit(xs["train"], y)
+
+        def prob_at_h(alpha: float, part: str) -> np.ndarray:
+            fns = model.predict_survival_function(xs[part], alpha=alpha)
+            return np.array([1.0 - float(f(min(h, f.x[-1]))) for f in fns])
+
+        # one path fit; the validation split picks the penalty along it
+        best = max((float(_val_score(val, prob_at_h(float(a), "val"))), float(a)) for a in model.alphas_[::2])
+        alpha = best[1]
+        return BaselinePrediction(name, prob_at_h(alpha, "val"), prob_at_h(alpha, "test"),
+                                  model.predict(xs["test"], alpha=alpha), f"alpha={alpha:.4g}")
+
+    return run
+
+
+def _hgb(features: Callable[[OmicsTable], np.ndarray]) -> Callable:
+    def run(train: OmicsTable, val: OmicsTable, test: OmicsTable, name: str) -> BaselinePrediction:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        has = ~np.isnan(train.label)
+        xs = {"train": features(train), "val": features(val), "test": features(test)}
+
+        def fit_predict(lr: float):  # noqa: ANN202
+            m = HistGradientBoostingClassifier(learning_rate=lr, max_iter=200, max_leaf_nodes=15,
+                                               l2_regularization=1.0, random_state=0)
+            m.fit(xs["train"][has], train.label[has].astype(int))
+            return m, lambda m, part: m.predict_proba(xs[part])[:, 1]
+
+        lr, model = _select(name, [0.03, 0.1], fit_predict, val)
+        prob = model.predict_proba(xs["test"])[:, 1]
+        return BaselinePrediction(name, model.predict_proba(xs["val"])[:, 1], prob, prob, f"learning_rate={lr:g}")
+
+    return run
+
+
+def _builders(encoder: ClinicalEncoder) -> dict[str, Callable]:
+    clinical = encoder.design
+
+    def full(t: OmicsTable) -> np.ndarray:
+        return np.concatenate([gene_design(t), clinical(t)], axis=1)
+
+    return {
+        "clinical": _logistic(clinical, [1.0]),
+        "logistic_l2": _logistic(full, [0.001, 0.01, 0.1]),
+        "coxnet": _coxnet(full),
+        "hgb": _hgb(full),
+    }
+
+
+BASELINES = ("clinical", "logistic_l2", "coxnet", "hgb")
+
+
+def run_baselines(train: OmicsTable, val: OmicsTable, test: OmicsTable, encoder: ClinicalEncoder,
+                  names: tuple[str, ...] = BASELINES) -> dict[str, BaselinePrediction]:
+    """Fit each named baseline on ``train``, choose on ``val``, predict ``test``."""
+    from oncofm.logging_utils import track
+
+    builders = _builders(encoder)
+    unknown = sorted(set(names) - set(builders))
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {sorted(builders)}")
+    out = {}
+    for name in track(list(names), "baselines"):
+        out[name] = builders[name](train, val, test, name)
+        log.info("baseline %s fitted (%s)", name, out[name].chosen)
+    return out

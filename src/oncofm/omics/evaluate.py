@@ -1,0 +1,106 @@
+"""``oncofm evaluate --run RUN --cohort OTHER_RUN``: apply a trained omics model, unchanged, to another cohort.
+
+The other cohort (any imported run: other cancer types, another platform) is normalised with its *own*
+training-split statistics when it has them (``cohort split`` was run: a per-cohort z-score absorbs platform
+differences) or else with the model run's statistics (``--normalization model``). Genes the model needs but
+the cohort lacks are reported (coverage %) and filled with 0 — neutral, the training median; coverage below
+``min_coverage`` stops with an error. Cancer types unseen in training use the pan-cancer coefficients and
+the model's "unknown cancer type" embedding. Every patient of the other cohort is evaluated; the IPCW
+censoring distribution of td-AUC / Brier is estimated on that cohort itself.
+
+Writes ``RUN/models/omics/external/<cohort name>/{metrics.json, predictions.parquet}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import pandas as pd
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.errors import OncoFMError
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateSettings(StageSettings):
+    """Settings of ``oncofm evaluate``."""
+
+    stage: ClassVar[str] = "evaluate_omics"
+
+    run: str = Field(description="run with a trained omics model")
+    cohort: str = Field(description="another imported run to evaluate on")
+    min_coverage: float = Field(0.7, ge=0, le=1, description="smallest share of the model's genes required")
+    normalization: Literal["auto", "cohort", "model"] = Field(
+        "auto", description="auto: the cohort's own statistics when present, else the model run's")
+    n_boot: int = Field(1000, ge=0)
+    seed: int = 0
+
+
+def evaluate_cohort(settings: EvaluateSettings) -> dict[str, Path]:
+    """Predict every patient of ``settings.cohort`` with the model of ``settings.run``; write metrics."""
+    import torch
+
+    from oncofm.cohort.importing import load_matrix, load_patients
+    from oncofm.cohort.normalize import apply_normalizer
+    from oncofm.io import write_json, write_parquet
+    from oncofm.omics.artifacts import OmicsArtifacts
+    from oncofm.omics.data import OmicsDataset
+    from oncofm.omics.predict import gene_coverage, load_omics_model, make_table
+    from oncofm.omics.train import (
+        MODEL_LABEL,
+        _metrics_dict,
+        _sigmoid,
+        comparison_rows,
+        predict_dataset,
+        print_comparison,
+    )
+    from oncofm.paths import RunLayout
+    from oncofm.survival.metrics import evaluate_predictions
+
+    predictor = load_omics_model(settings.run)
+    other = RunLayout(settings.cohort)
+    other.require(other.expression, "Import it with `oncofm cohort import --run OTHER_RUN ...` first.")
+    expr = load_matrix(settings.cohort, "expression")
+    patients = load_patients(settings.cohort).set_index("patient_id")
+    coverage, missing = gene_coverage(predictor, expr)
+    log.info("gene coverage: %.1f%% of the model's %d genes (%d missing%s)", 100 * coverage, len(predictor.genes),
+             len(missing), f": {', '.join(missing[:10])}" if missing else "")
+    if coverage < settings.min_coverage:
+        raise OncoFMError(
+            f"the cohort {settings.cohort} has {100 * coverage:.1f}% of the model's {len(predictor.genes)} genes "
+            f"(missing e.g. {', '.join(missing[:8])}), below --min-coverage {settings.min_coverage:.0%}; "
+            "check that its gene symbols are HGNC symbols, or lower --min-coverage knowingly")
+    use_cohort = settings.normalization == "cohort" or (settings.normalization == "auto" and other.normalization.exists())
+    if use_cohort:
+        other.require(other.normalization, "Run `oncofm cohort split --run OTHER_RUN` first (or --normalization model).")
+        cols = [g for g in predictor.genes if g in expr.columns]
+        expr_n = apply_normalizer(expr[cols], patients["cancer_type"], pd.read_parquet(other.normalization))
+    else:
+        expr_n = expr  # make_table normalises with the model run's statistics
+    table = make_table(predictor, expr_n, patients, normalized=use_cohort)
+    unseen = sorted(set(table.cancer_type) - set(predictor.encoder.cancer_types))
+    if unseen:
+        log.warning("cancer types unseen in training %s: pan-cancer coefficients and the unknown-type token", unseen)
+    torch.manual_seed(settings.seed)
+    logits, _ = predict_dataset(predictor.model, OmicsDataset(table, predictor.encoder))
+    prob = _sigmoid(logits)
+    metrics_table = evaluate_predictions(time=table.time, event=table.event, prob=prob, risk=logits,
+                                         cancer_type=table.cancer_type, train_time=table.time, train_event=table.event,
+                                         years=predictor.horizon_years, n_boot=settings.n_boot, seed=settings.seed)
+    result = _metrics_dict(metrics_table)
+    name = Path(settings.cohort).resolve().name
+    out_dir = OmicsArtifacts.of(settings.run).external_dir / name
+    write_parquet(pd.DataFrame({"patient_id": table.patient_ids, "cancer_type": table.cancer_type, "prob": prob,
+                                "risk": logits}), out_dir / "predictions.parquet")
+    write_json({"cohort": str(Path(settings.cohort).resolve()), "gene_coverage": coverage, "missing_genes": missing,
+                "unseen_cancer_types": unseen, "normalization": "cohort" if use_cohort else "model",
+                "n_patients": int(len(table)), "metrics": result}, out_dir / "metrics.json")
+    print_comparison(comparison_rows({MODEL_LABEL: result}), result["per_cancer_type"],
+                     f"omics model of {settings.run} on {name} (gene coverage {100 * coverage:.1f}%)")
+    settings.save(out_dir / "settings.yaml")
+    return {"metrics": out_dir / "metrics.json", "predictions": out_dir / "predictions.parquet"}
+

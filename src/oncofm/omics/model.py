@@ -1,0 +1,143 @@
+"""The omics model: a feature-tokenizer transformer over (expression, Cox coefficient) gene tokens.
+
+Tokens (all of width ``d_model``)::
+
+    [CLS] [cancer type] [age] [sex] [gene_1] ... [gene_G]
+
+- gene token ``g`` of a patient with normalised expression ``x`` and Cox coefficient ``c`` (of gene ``g``
+  for the patient's cancer type): ``E_g + x * W_g + c * u + (x * c) * v`` — ``E_g`` is the learned
+  gene-identity embedding, ``W_g`` a per-gene value direction (as FT-Transformer's numerical tokenizer),
+  ``u`` and ``v`` shared directions for the coefficient and for ``x * c`` (the gene's univariate Cox
+  log-hazard contribution);
+- cancer type: an embedding (index 0 = a type unseen in training); age: ``a * w + b`` (its own embedding
+  when unknown); sex: an embedding (unknown / female / male);
+- a pre-norm transformer encoder; the final CLS state, layer-normalised, is the penultimate embedding;
+  a linear head gives the logit of P(death within the horizon). The same logit is the risk score of the
+  auxiliary Cox loss (see :mod:`oncofm.omics.train`).
+
+Shape
+-----
+- Input: ``pairs`` (B, G, 2), ``cancer`` (B,) int64, ``age`` (B,) float (NaN = unknown), ``sex`` (B,) int64
+- Output: ``logits`` (B,), ``embedding`` (B, d_model)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["OmicsTransformer", "MODELS", "create_model", "model_inputs"]
+
+
+class GeneTokenizer(nn.Module):
+    """(B, G, 2) pairs → (B, G, d) tokens."""
+
+    def __init__(self, *, n_genes: int, d_model: int) -> None:
+        super().__init__()
+        self.identity = nn.Parameter(torch.empty(n_genes, d_model))  # E_g
+        self.value = nn.Parameter(torch.empty(n_genes, d_model))  # W_g
+        self.coef = nn.Parameter(torch.empty(d_model))  # u
+        self.interaction = nn.Parameter(torch.empty(d_model))  # v
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1 / math.sqrt(self.identity.shape[1])
+        for p in (self.identity, self.value, self.coef, self.interaction):
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        x, c = pairs[..., 0:1], pairs[..., 1:2]  # (B, G, 1) each
+        return self.identity + x * self.value + c * self.coef + (x * c) * self.interaction  # (B, G, d)
+
+
+class OmicsTransformer(nn.Module):
+    """FT-Transformer-style survival classifier over gene tokens (see the module docstring)."""
+
+    def __init__(self, *, n_genes: int, n_cancer_types: int, d_model: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, ffn_factor: float = 2.0, dropout: float = 0.1,
+                 attention_dropout: float = 0.1) -> None:
+        super().__init__()
+        if n_genes < 1:
+            raise ValueError(f"need at least one gene token, got {n_genes=}")
+        if n_cancer_types < 1:
+            raise ValueError(f"need at least the unknown cancer type, got {n_cancer_types=}")
+        if d_model < 1 or d_model % n_heads:
+            raise ValueError(f"d_model must be a positive multiple of n_heads, got {d_model=}, {n_heads=}")
+        if n_layers < 1:
+            raise ValueError(f"{n_layers=} must be >= 1")
+        if not (0 <= dropout < 1 and 0 <= attention_dropout < 1):
+            raise ValueError(f"dropouts must be in [0, 1), got {dropout=}, {attention_dropout=}")
+        if ffn_factor <= 0:
+            raise ValueError(f"{ffn_factor=} must be > 0")
+        self.config = {"n_genes": n_genes, "n_cancer_types": n_cancer_types, "d_model": d_model,
+                       "n_layers": n_layers, "n_heads": n_heads, "ffn_factor": ffn_factor, "dropout": dropout,
+                       "attention_dropout": attention_dropout}
+        self.genes = GeneTokenizer(n_genes=n_genes, d_model=d_model)
+        self.cancer = nn.Embedding(n_cancer_types, d_model)
+        self.sex = nn.Embedding(3, d_model)
+        self.age_weight = nn.Parameter(torch.empty(d_model))
+        self.age_bias = nn.Parameter(torch.empty(d_model))
+        self.age_missing = nn.Parameter(torch.empty(d_model))
+        self.cls = nn.Parameter(torch.empty(d_model))
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward=int(ffn_factor * d_model),
+                                           dropout=dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer.self_attn.dropout = attention_dropout
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 1)
+        self.reset_parameters()
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config["d_model"])
+
+    def reset_parameters(self) -> None:
+        bound = 1 / math.sqrt(self.d_model)
+        self.genes.reset_parameters()
+        for p in (self.age_weight, self.age_bias, self.age_missing, self.cls):
+            nn.init.uniform_(p, -bound, bound)
+        nn.init.normal_(self.cancer.weight, std=bound)
+        nn.init.normal_(self.sex.weight, std=bound)
+        for layer in self.encoder.layers:
+            for m in layer.modules():
+                if isinstance(m, nn.Linear | nn.LayerNorm) or hasattr(m, "_reset_parameters"):
+                    (m.reset_parameters if hasattr(m, "reset_parameters") else m._reset_parameters)()
+        self.norm.reset_parameters()
+        self.head.reset_parameters()
+
+    def tokens(self, pairs: torch.Tensor, cancer: torch.Tensor, age: torch.Tensor,
+               sex: torch.Tensor) -> torch.Tensor:
+        """The input sequence (B, 4 + G, d)."""
+        b = pairs.shape[0]
+        missing = torch.isnan(age)[:, None]  # (B, 1)
+        a = torch.nan_to_num(age)[:, None]
+        age_tok = torch.where(missing, self.age_missing, a * self.age_weight + self.age_bias)  # (B, d)
+        clinical = torch.stack([self.cls.expand(b, -1), self.cancer(cancer), age_tok, self.sex(sex)], 1)
+        return torch.cat([clinical, self.genes(pairs)], dim=1)
+
+    def forward(self, pairs: torch.Tensor, cancer: torch.Tensor, age: torch.Tensor,
+                sex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (B,), embedding (B, d))``."""
+        if pairs.ndim != 3 or pairs.shape[1:] != (self.config["n_genes"], 2):
+            raise ValueError(f"pairs must be (B, {self.config['n_genes']}, 2), got {tuple(pairs.shape)}")
+        h = self.encoder(self.tokens(pairs, cancer, age, sex))  # (B, 4 + G, d)
+        embedding = self.norm(h[:, 0])  # (B, d) — the penultimate layer
+        return self.head(embedding).squeeze(-1), embedding
+
+
+def model_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The positional ``forward`` arguments from an :class:`~oncofm.omics.data.OmicsDataset` batch."""
+    return batch["pairs"], batch["cancer"], batch["age"], batch["sex"]
+
+
+MODELS: dict[str, type[nn.Module]] = {"ft_transformer": OmicsTransformer}
+
+
+def create_model(name: str = "ft_transformer", **kwargs: Any) -> nn.Module:
+    """Build a registered omics model by name (keyword-only architecture arguments)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown omics model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)

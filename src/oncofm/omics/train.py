@@ -1,0 +1,344 @@
+"""The ``train omics`` stage: fit the gene-token transformer, evaluate it and its baselines on the test split.
+
+Loss (per batch)::
+
+    loss = BCE(logit, label)  over patients with a 5-year label
+         + cox_weight * CoxPL(logit; time, event censored at the horizon)  over every patient in the batch
+
+The Cox partial likelihood (Breslow, within the batch, times administratively censored at the horizon) uses
+the same logit as its log-risk, so the ~55% of patients censored before 5 years — who have no binary label —
+still teach the ranking. ``cox_weight`` (default 0.5) weights it; 0 gives plain BCE.
+
+The validation split selects the epoch (early stopping on ``val_score`` = mean of validation AUC and
+C-index); the test split is predicted once, after training, for the metrics and the side-by-side table
+with the baselines (:mod:`oncofm.omics.baselines`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from oncofm.config import StageSettings
+from oncofm.omics.artifacts import OmicsArtifacts
+from oncofm.paths import RunLayout
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_omics"
+MODEL_LABEL = "omics_transformer"
+
+
+class OmicsTrainSettings(StageSettings):
+    """Settings of ``oncofm train omics``."""
+
+    stage: ClassVar[str] = STAGE
+
+    run: str
+    horizon_years: float = Field(5.0, gt=0)
+    max_genes: int | None = Field(64, ge=1, description="use the first N genes of features/genes.txt "
+                                  "(ranked by the features stage); None = all")
+    model: str = "ft_transformer"
+    d_model: int = Field(32, ge=8)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    ffn_factor: float = Field(2.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attention_dropout: float = Field(0.1, ge=0, lt=1)
+    cox_weight: float = Field(0.5, ge=0, description="weight of the auxiliary Cox partial likelihood")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    patience: int = Field(8, ge=1)
+    seed: int = 0
+    baselines: list[str] = Field(default_factory=lambda: ["clinical", "logistic_l2", "coxnet", "hgb"])
+    ig_steps: int = Field(8, ge=1, description="integrated-gradient steps per patient")
+    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the AUC CI")
+    device: str = Field("cpu", pattern="^(cpu|auto)$")
+    progress: bool = True
+    redo: bool = False
+
+
+# ---------------------------------------------------------------- losses and the training task
+def cox_partial_likelihood(risk: Any, time: Any, event: Any) -> Any:
+    """Negative Breslow partial log-likelihood of ``risk`` (B,), averaged over events; 0 without events."""
+    import torch
+
+    order = torch.argsort(time, descending=True)
+    r, e = risk[order], event[order]
+    log_risk_set = torch.logcumsumexp(r, dim=0)  # (B,): log sum over patients with time >= t_i
+    n_events = e.sum()
+    if n_events == 0:
+        return risk.sum() * 0.0
+    return -((r - log_risk_set) * e).sum() / n_events
+
+
+class OmicsTask:
+    """:class:`oncofm.training.TrainTask` for the omics transformer."""
+
+    def __init__(self, cox_weight: float) -> None:
+        self.cox_weight = cox_weight
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        import torch.nn.functional as F
+
+        from oncofm.omics.model import model_inputs
+
+        logits, _ = model(*model_inputs(batch))
+        has = ~batch["label"].isnan()
+        bce = F.binary_cross_entropy_with_logits(logits[has], batch["label"][has]) if has.any() else logits.sum() * 0
+        if self.cox_weight == 0:
+            return bce
+        return bce + self.cox_weight * cox_partial_likelihood(logits, batch["time"], batch["event"])
+
+    def evaluate(self, model: Any, loader: Any) -> dict[str, float]:
+        import torch
+
+        from oncofm.omics.model import model_inputs
+        from oncofm.survival.metrics import auc_score, harrell_c_index
+
+        logits, labels, times, events, losses = [], [], [], [], []
+        for batch in loader:
+            out, _ = model(*model_inputs(batch))
+            losses.append(float(self.loss(model, batch)) * len(out))
+            logits.append(out)
+            labels.append(batch["label"])
+            times.append(batch["time"])
+            events.append(batch["event"])
+        s, y = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+        has = ~np.isnan(y)
+        auc = auc_score(y[has], s[has])
+        c = harrell_c_index(torch.cat(times).numpy(), torch.cat(events).numpy(), s)
+        return {"val_loss": sum(losses) / len(s), "val_auc": auc, "val_c_index": c,
+                "val_score": float(np.nanmean([auc, c]))}
+
+
+# ---------------------------------------------------------------- helpers
+def predict_dataset(model: Any, dataset: Any, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N,) and penultimate embeddings (N, d) for every item of ``dataset``."""
+    import torch
+
+    from oncofm.omics.model import model_inputs
+
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    logits, embs = [], []
+    with torch.no_grad():
+        for batch in loader:
+            lo, em = model(*model_inputs(batch))
+            logits.append(lo)
+            embs.append(em)
+    return torch.cat(logits).numpy().astype(float), torch.cat(embs).numpy()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _metrics_dict(table: pd.DataFrame) -> dict[str, Any]:
+    from oncofm.survival.metrics import POOLED, mean_per_cancer
+
+    per = table.drop(index=POOLED)
+    return {"pooled": table.loc[POOLED].to_dict(), "per_cancer_type": per.to_dict(orient="index"),
+            "mean_cancer_c_index": mean_per_cancer(table, "c_index"),
+            "mean_cancer_auc": mean_per_cancer(table, "auc")}
+
+
+def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model: pooled AUC [95% CI], C-index, td-AUC, Brier, mean per-cancer C-index."""
+    rows = []
+    for name, r in results.items():
+        p = r["pooled"]
+        rows.append({"model": name, "auc": p["auc"], "auc_lo": p["auc_lo"], "auc_hi": p["auc_hi"],
+                     "c_index": p["c_index"], "td_auc": p["td_auc"], "brier": p["brier"],
+                     "mean_cancer_c_index": r["mean_cancer_c_index"], "n_labelled": p["n_labelled"],
+                     "n_unlabelled": p["n_unlabelled"]})
+    return rows
+
+
+def print_comparison(rows: list[dict[str, Any]], per_cancer: dict[str, dict[str, Any]], title: str) -> None:
+    """Rich tables: the side-by-side comparison and the per-cancer metrics of the first model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    t = Table(title=title)
+    for col in ("model", "AUC-5y [95% CI]", "C-index", "td-AUC-5y", "Brier-5y", "mean C (per type)"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        t.add_row(r["model"], f"{r['auc']:.3f} [{r['auc_lo']:.3f}, {r['auc_hi']:.3f}]", f"{r['c_index']:.3f}",
+                  f"{r['td_auc']:.3f}", f"{r['brier']:.3f}", f"{r['mean_cancer_c_index']:.3f}")
+    console.print(t)
+    if rows:
+        console.print(f"AUC on {int(rows[0]['n_labelled'])} test patients with a 5-year label "
+                      f"({int(rows[0]['n_unlabelled'])} censored before 5 years excluded); C-index, td-AUC and "
+                      "Brier (IPCW) on all test patients.")
+    pc = Table(title=f"{rows[0]['model'] if rows else ''}: per cancer type (test)")
+    for col in ("cancer type", "n", "labelled", "AUC-5y", "C-index", "td-AUC-5y", "Brier-5y"):
+        pc.add_column(col, justify="left" if col == "cancer type" else "right")
+    for ct, m in per_cancer.items():
+        pc.add_row(ct, str(int(m.get("n", 0))), str(int(m["n_labelled"])) if "n_labelled" in m and m["n_labelled"] == m["n_labelled"] else "",
+                   *(f"{m.get(k, float('nan')):.3f}" for k in ("auc", "c_index", "td_auc", "brier")))
+    console.print(pc)
+
+
+def save_plots(arts: OmicsArtifacts, label: np.ndarray, probs: dict[str, np.ndarray]) -> None:
+    """ROC curves (every model) and the calibration plot of the transformer on labelled test patients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import roc_curve
+
+    from oncofm.io import atomic_path
+
+    has = ~np.isnan(label)
+    y = label[has].astype(int)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, p in probs.items():
+        fpr, tpr, _ = roc_curve(y, p[has])
+        ax.plot(fpr, tpr, label=name, lw=2 if name == MODEL_LABEL else 1)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="5-year death, test split")
+    ax.legend(loc="lower right", fontsize=8)
+    with atomic_path(arts.roc_png) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    frac, mean = calibration_curve(y, probs[MODEL_LABEL][has], n_bins=10, strategy="quantile")
+    ax.plot(mean, frac, "o-", label=MODEL_LABEL)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="predicted P(death within 5 years)", ylabel="observed fraction", title="Calibration, test")
+    ax.legend(loc="upper left", fontsize=8)
+    with atomic_path(arts.calibration_png) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def save_model(arts: OmicsArtifacts, model: Any, config: dict[str, Any]) -> None:
+    import yaml
+    from safetensors.torch import save_file
+
+    from oncofm.io import atomic_path, write_text
+
+    with atomic_path(arts.weights) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_text(yaml.safe_dump(config, sort_keys=False), arts.config)
+
+
+# ---------------------------------------------------------------- the stage
+def _outputs_done(arts: OmicsArtifacts) -> bool:
+    return all(p.exists() for p in (arts.weights, arts.config, arts.metrics, arts.predictions, arts.embeddings,
+                                    arts.attributions))
+
+
+def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
+    """Train, evaluate and export the omics model of ``settings.run``; returns the artifact paths."""
+    import shutil
+
+    import torch
+
+    from oncofm.io import write_json, write_parquet
+    from oncofm.omics.attributions import attributions_table
+    from oncofm.omics.baselines import run_baselines
+    from oncofm.omics.data import ClinicalEncoder, OmicsDataset, load_omics_table
+    from oncofm.omics.model import create_model
+    from oncofm.survival.metrics import evaluate_predictions
+    from oncofm.training import TrainSettings, fit, make_accelerator
+
+    layout = RunLayout(settings.run)
+    arts = OmicsArtifacts.of(settings.run)
+    settings_file = layout.settings_file(STAGE)
+    outputs = {"model": arts.weights, "config": arts.config, "metrics": arts.metrics,
+               "predictions": arts.predictions, "embeddings": arts.embeddings, "attributions": arts.attributions,
+               "roc": arts.roc_png, "calibration": arts.calibration_png}
+    if not settings.redo and _outputs_done(arts) and settings.same_as_saved(settings_file, ignore=("redo", "progress")):
+        log.info("omics model already trained in %s with these settings (use --redo to retrain)", arts.dir)
+        return outputs
+    if settings.redo and arts.training_dir.exists():
+        shutil.rmtree(arts.training_dir)
+
+    t_start = time.perf_counter()
+    table = load_omics_table(settings.run, horizon_years=settings.horizon_years, max_genes=settings.max_genes)
+    train, val, test = (table.where_split(s) for s in ("train", "val", "test"))
+    if min(len(train), len(val), len(test)) == 0:
+        from oncofm.errors import OncoFMError
+
+        raise OncoFMError(f"the run needs train/val/test patients (got {len(train)}/{len(val)}/{len(test)}); "
+                          "run `oncofm cohort split --run RUN`")
+    encoder = ClinicalEncoder.fit(train)
+    log.info("omics model: %d genes; train %d (labelled %d), val %d, test %d patients", len(table.genes),
+             len(train), int((~np.isnan(train.label)).sum()), len(val), len(test))
+
+    torch.manual_seed(settings.seed)
+    arch = {"n_genes": len(table.genes), "n_cancer_types": len(encoder.cancer_types), "d_model": settings.d_model,
+            "n_layers": settings.n_layers, "n_heads": settings.n_heads, "ffn_factor": settings.ffn_factor,
+            "dropout": settings.dropout, "attention_dropout": settings.attention_dropout}
+    model = create_model(settings.model, **arch)
+    train_settings = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                                   weight_decay=settings.weight_decay, patience=settings.patience,
+                                   monitor="val_score", mode="max", seed=settings.seed, device=settings.device,
+                                   progress=settings.progress)
+    accelerator = make_accelerator(train_settings)
+    result = fit(model, OmicsDataset(train, encoder), OmicsDataset(val, encoder), OmicsTask(settings.cox_weight),
+                 train_settings, arts.training_dir, accelerator=accelerator)
+    train_seconds = time.perf_counter() - t_start
+    if not accelerator.is_main_process:  # DDP: rank 0 evaluates and writes
+        return outputs
+    model = accelerator.unwrap_model(model).cpu()
+
+    # every patient: predictions + embeddings
+    all_ds = OmicsDataset(table, encoder)
+    logits, emb = predict_dataset(model, all_ds)
+    prob = _sigmoid(logits)
+    write_parquet(pd.DataFrame({"patient_id": table.patient_ids, "split": table.split, "prob": prob,
+                                "risk": logits}), arts.predictions)
+    write_parquet(pd.DataFrame(emb, index=pd.Index(table.patient_ids, name="patient_id"),
+                               columns=[f"e{i}" for i in range(emb.shape[1])]), arts.embeddings)
+
+    # test metrics, transformer then baselines (same split, same features)
+    is_test = table.split == "test"
+    common = dict(time=test.time, event=test.event, cancer_type=test.cancer_type, train_time=train.time,
+                  train_event=train.event, years=settings.horizon_years, n_boot=settings.n_boot, seed=settings.seed)
+    results = {MODEL_LABEL: _metrics_dict(evaluate_predictions(prob=prob[is_test], risk=logits[is_test], **common))}
+    test_probs = {MODEL_LABEL: prob[is_test]}
+    chosen = {}
+    for name, b in run_baselines(train, val, test, encoder, tuple(settings.baselines)).items():
+        results[name] = _metrics_dict(evaluate_predictions(prob=b.test_prob, risk=b.test_risk, **common))
+        test_probs[name] = b.test_prob
+        chosen[name] = b.chosen
+    rows = comparison_rows(results)
+    print_comparison(rows, results[MODEL_LABEL]["per_cancer_type"], "5-year survival, tcga test split"
+                     if "tcga13" in str(settings.run) else "5-year survival, test split")
+    save_plots(arts, test.label, test_probs)
+
+    # attributions for every patient
+    t_ig = time.perf_counter()
+    attr = attributions_table(model, all_ds, table.patient_ids, table.genes, steps=settings.ig_steps,
+                              progress=settings.progress)
+    write_parquet(attr, arts.attributions)
+    ig_seconds = time.perf_counter() - t_ig
+
+    config = {"model": settings.model, "architecture": arch, "genes": table.genes,
+              "clinical": encoder.to_dict(), "horizon_years": settings.horizon_years,
+              "best_epoch": result.best_epoch, "source_run": str(Path(settings.run).resolve())}
+    save_model(arts, model, config)
+    metrics = {"test": results, "comparison": rows, "baseline_hyperparameters": chosen,
+               "training": {"best_epoch": result.best_epoch, "best_val_score": result.best_metric,
+                            "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+                            "fit_seconds": result.seconds, "train_seconds_incl_loading": train_seconds,
+                            "ig_seconds": ig_seconds, "total_seconds": time.perf_counter() - t_start,
+                            "history": result.history},
+               "data": {"n_genes": len(table.genes), "n_train": len(train), "n_val": len(val), "n_test": len(test)}}
+    write_json(metrics, arts.metrics)
+    settings.save(settings_file)
+    log.info("omics model written to %s (%.0f s)", arts.dir, time.perf_counter() - t_start)
+    return outputs
