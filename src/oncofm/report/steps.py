@@ -11,7 +11,7 @@ step                      library function (stage)
 ========================  ==========================================================================
 normalise_expression      ``oncofm.cohort.normalize.apply_normalizer`` (cohort)
 build_pairs               ``oncofm.omics.features.build_pairs`` (cox + features)
-run_omics_model           ``oncofm.omics.predict.load_omics_model`` / ``predict_patient`` (omics)
+run_omics_model           ``oncofm.omics.predict.load_omics_model`` + ``predict_patient`` (omics)
 tile_slide                ``oncofm.pathology.reader.open_slide`` + the tiler (tiles)
 run_slide_model           ``oncofm.pathology.slide_train.load_slide_model`` + ``slide_model`` (slide model)
 top_patches               ``oncofm.pathology.morphometrics.patch_morphometrics`` (tiles)
@@ -216,17 +216,25 @@ def build_pairs(norm: NormalisedExpression, patient: PatientInput, layout: RunLa
 
 def run_omics_model(pairs: np.ndarray, norm: NormalisedExpression, patient: PatientInput,
                     layout: RunLayout) -> OmicsResult:
-    """Apply the run's omics model to one patient: probability, embedding, per-gene attributions."""
+    """Apply the run's omics model (``oncofm.omics.predict``): probability, embedding, per-gene attributions.
+
+    The model builds its (expression, coefficient) input from the normalised expression with the same
+    ``build_pairs`` as the previous step (``pairs``, shown for the record, must agree in shape).
+    """
     model_dir = layout.model_dir("omics")
     if not (model_dir / "model.safetensors").exists():
         raise StepSkipped(f"the run has no omics model ({model_dir}): run `oncofm train omics`")
-    predict = _optional_import("oncofm.omics.predict", "omics model inference (oncofm.omics.predict)")
-    model = predict.load_omics_model(layout.root)
-    out = predict.predict_patient(model, pairs=pairs, cancer_type=patient.cancer_type, age=patient.age,
-                                  sex=patient.sex, genes=list(norm.values.index))
-    attributions = _attribution_table(out["attributions"], norm, patient, layout)
-    return OmicsResult(prob=float(out["prob"]), embedding=np.asarray(out.get("embedding")).ravel()
-                       if out.get("embedding") is not None else None,
+    load_omics_model, predict_patient = _optional_import_names("oncofm.omics.predict", "load_omics_model",
+                                                               "predict_patient")
+    predictor = load_omics_model(layout.root)
+    if pairs.shape[1] != len(predictor.genes):
+        raise OncoFMError(f"the run's features have {pairs.shape[1]} genes but its omics model {len(predictor.genes)}; "
+                          "retrain with `oncofm train omics --redo`")
+    out = predict_patient(predictor, norm.values, cancer_type=patient.cancer_type, age=patient.age,
+                          sex=patient.sex, normalized=True)
+    attributions = _attribution_table(out.attributions.rename_axis("gene").reset_index(name="attribution"),
+                                      norm, patient, layout)
+    return OmicsResult(prob=float(out.prob), embedding=np.asarray(out.embedding, dtype=np.float32).ravel(),
                        attributions=attributions, version=model_version(model_dir))
 
 
