@@ -482,24 +482,24 @@ def run_fusion(evidence: dict[str, Any], omics: OmicsResult | None, slide: Slide
     generate_texts, = _optional_import_names("oncofm.fusion.generate", "generate_texts")
     model, tokenizer, cfg = train(layout.root)
     d_omics, d_slide = int(cfg["d_omics"]), int(cfg["d_slide"])
-    om = _embedding_or_zeros(None if omics is None else omics.embedding, d_omics, "omics")
-    sl = _embedding_or_zeros(None if slide is None else slide.embedding, d_slide, "slide")
-    item = encode_item(tokenizer, {"patient_id": "patient", "evidence": evidence}, om, sl,
-                       omics is not None and omics.embedding is not None,
-                       slide is not None and slide.embedding is not None, with_target=False)
+    om, has_om = _embedding_or_zeros(None if omics is None else omics.embedding, d_omics, "omics")
+    sl, has_sl = _embedding_or_zeros(None if slide is None else slide.embedding, d_slide, "slide")
+    item = encode_item(tokenizer, {"patient_id": "patient", "evidence": evidence}, om, sl, has_om, has_sl,
+                       with_target=False)
     text = generate_texts(model, tokenizer, [item], batch_size=1, progress=False)[0]
     prediction, risk = parse_prediction(text)
     return FusionResult(text=text, risk=risk, prediction=prediction, version=model_version(model_dir))
 
 
-def _embedding_or_zeros(emb: np.ndarray | None, dim: int, name: str) -> np.ndarray:
-    if emb is None:
-        return np.zeros(dim, dtype=np.float32)
+def _embedding_or_zeros(emb: np.ndarray | None, dim: int, name: str) -> tuple[np.ndarray, bool]:
+    """The embedding as the fusion model takes it, and whether it is present (zeros + False when absent)."""
+    if emb is None or dim == 0:
+        return np.zeros(dim, dtype=np.float32), False
     emb = np.asarray(emb, dtype=np.float32).ravel()
     if emb.shape[0] != dim:
-        raise OncoFMError(f"the {name} embedding has {emb.shape[0]} values; the fusion model was trained on {dim}. "
-                          "Retrain with `oncofm train fusion --redo`.")
-    return emb
+        raise StepSkipped(f"the {name} embedding has {emb.shape[0]} values but the fusion model was trained on "
+                          f"{dim}: the run's models are out of step; retrain with `oncofm train fusion --redo`")
+    return emb, True
 
 
 def parse_prediction(text: str) -> tuple[str | None, float | None]:
