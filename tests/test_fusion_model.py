@@ -188,6 +188,16 @@ def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path)
     assert metrics["parse_rate"] >= 0.5, gens[:2]
     assert (run / "models" / "fusion" / "expert_rating.csv").exists()
     assert (run / "models" / "fusion" / "expert_rating.html").exists()
+    # one new patient through the product entry point: concatenated embedding with NaN for the missing slide
+    from oncofm.fusion.explain import explain_patient
+    from oncofm.fusion.fuse import load_embeddings
+
+    rec = next(r for r in records if r["split"] == "test" and r["label"] is not None)
+    emb = load_embeddings(run, [rec["patient_id"]])
+    fused = np.concatenate([emb.omics[0], np.full(emb.slide.shape[1], np.nan, np.float32)])
+    text, parsed = explain_patient(run, rec["evidence"], fused)
+    assert isinstance(text, str) and text
+    assert parsed == parse_prediction(text)
 
 
 def test_prediction_stop_criterion() -> None:

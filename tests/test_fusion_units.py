@@ -1,0 +1,181 @@
+"""Fusion units: parser, projectors, fused embedding, faithfulness, drafting client against a local server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from oncofm.fusion.faithfulness import score_faithfulness
+from oncofm.fusion.parse import format_prediction, parse_prediction
+from oncofm.fusion.projector import PROJECTORS, build_projector
+from oncofm.fusion.templates import render_target
+
+EVIDENCE = {
+    "cancer_type": "KIRC", "age": 61.0, "omics_prob": 0.64,
+    "risk_genes": [{"gene": "CA9", "z": 1.8, "cox": "+", "q": 0.012, "attribution": 0.2},
+                   {"gene": "MKI67", "z": 2.1, "cox": "+", "q": 0.0031, "attribution": 0.1}],
+    "protective_genes": [{"gene": "PBRM1", "z": 0.9, "cox": "-", "q": 0.04, "attribution": -0.15}],
+    "slide_prob": 0.71,
+    "image": {"n_patches": 812, "top_fraction": 0.1, "top_share": 0.34,
+              "findings": [{"feature": "nuclei_density", "name": "nuclear density", "top": 0.5, "slide": 0.3,
+                            "ratio": 1.67}]},
+    "missing": [],
+}
+VOCAB = {"CA9", "MKI67", "PBRM1", "TP53", "EGFR", "VHL"}
+
+
+@pytest.mark.parametrize(("text", "death", "risk"), [
+    ("Some reasoning.\nPrediction: death within 5 years (risk 0.73)", True, 0.73),
+    ("Prediction: alive at 5 years (risk 0.21)", False, 0.21),
+    ("prediction:  Alive at 5 years  (risk 0.2).", False, 0.2),
+    ("**Prediction:** death within 5 years (risk: 73%)", True, 0.73),
+    ("Prediction: alive at 5 years (risk 0.9)\nPrediction: death within 5 years (risk 0.81)", True, 0.81),
+    ("Prediction: death within 5 years (risk 1)", True, 1.0),
+])
+def test_parser_good(text: str, death: bool, risk: float) -> None:
+    p = parse_prediction(text)
+    assert p is not None and p.death is death and p.risk == pytest.approx(risk)
+
+
+@pytest.mark.parametrize("text", [
+    "", "No prediction here.", "Prediction: death within 5 years", "Prediction: maybe (risk 0.5)",
+    "Prediction: alive at 5 years (risk high)", "Prediction: death within 5 years (risk 1.7)",
+    "Prediction: alive at 10 years (risk 0.2)", "Prediction: death within 5 years (risk 0.7",
+])
+def test_parser_malformed(text: str) -> None:
+    assert parse_prediction(text) is None
+
+
+def test_format_roundtrip() -> None:
+    for death in (True, False):
+        for risk in (0.0, 0.05, 0.499, 1.0):
+            p = parse_prediction(format_prediction(death, risk))
+            assert p.death is death and p.risk == pytest.approx(round(risk, 2))
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_every_projector_shapes_and_grad(name: str) -> None:
+    proj = build_projector(name, d_in=10, d_llm=16, n_tokens=3, out_scale=0.5)
+    x = torch.randn(5, 10, requires_grad=True)
+    y = proj(x)
+    assert y.shape == (5, 3, 16)
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in proj.parameters())
+    with pytest.raises(ValueError):
+        proj(torch.randn(5, 11))
+
+
+def test_unknown_projector_is_an_error() -> None:
+    from oncofm.errors import OncoFMError
+
+    with pytest.raises(OncoFMError, match="unknown projector"):
+        build_projector("qformer", d_in=4, d_llm=4, n_tokens=1)
+
+
+def test_fused_embedding_learned_stand_in() -> None:
+    from oncofm.fusion.fuse import FusedEmbedding
+
+    f = FusedEmbedding(3, 2)
+    o, s = torch.ones(2, 3), torch.full((2, 2), 5.0)
+    out = f(o, s, torch.tensor([True, False]), torch.tensor([False, True]))
+    assert out.shape == (2, 5)
+    assert torch.equal(out[0, :3], o[0]) and torch.equal(out[0, 3:], f.missing_slide.detach())
+    assert torch.equal(out[1, :3], f.missing_omics.detach()) and torch.equal(out[1, 3:], s[1])
+
+
+def test_faithfulness_of_template_text_is_perfect() -> None:
+    text = render_target(EVIDENCE, death=True, risk=0.66, seed=3)
+    f = score_faithfulness(text, EVIDENCE, VOCAB)
+    assert f.genes_named == 3 and f.directions == 3 and f.numbers >= 9
+    assert f.faithfulness == 1.0 and f.hallucinated_gene_rate == 0.0
+
+
+def test_faithfulness_hand_written() -> None:
+    good = ("KIRC. The omics model gives 0.64. Genes that raise the risk: CA9 (z +1.8, Cox +, q 0.012). "
+            "Protective genes: PBRM1 (z +0.9). The top 10% of patches hold 0.34 of the attention.\n"
+            "Prediction: death within 5 years (risk 0.66)")
+    f = score_faithfulness(good, EVIDENCE, VOCAB)
+    assert (f.genes_named, f.genes_ok, f.directions, f.directions_ok) == (2, 2, 2, 2)
+    assert f.numbers == f.numbers_ok == 7  # 0.64, 1.8, Cox +, 0.012, 0.9, 10%, 0.34; the risk line is not checked
+    bad = ("Genes that raise the risk: PBRM1 (z +0.9) and TP53 (z +2.5). Genes that lower the risk: CA9 (z -1.8, "
+           "Cox -). The omics model gives 0.91.\nPrediction: death within 5 years (risk 0.66)")
+    f = score_faithfulness(bad, EVIDENCE, VOCAB)
+    assert (f.genes_named, f.genes_ok) == (3, 2)  # TP53 is not in the evidence
+    assert f.hallucinated_gene_rate == pytest.approx(1 / 3)
+    assert (f.directions, f.directions_ok) == (2, 0)  # PBRM1 is protective, CA9 a risk gene
+    # numbers: 0.9 ok (PBRM1 z), 2.5 (after TP53: not in evidence, any-number check) wrong,
+    # -1.8 wrong sign, Cox - wrong, 0.91 wrong
+    assert (f.numbers, f.numbers_ok) == (5, 1)
+    assert f.faithfulness == pytest.approx((2 + 0 + 1) / (3 + 2 + 5))
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        user = body["messages"][-1]["content"]
+        reply = "The CA9 level is high." + ("\n" + user.splitlines()[-1] if "alive" in user else "")
+        data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                        "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_drafting_client_against_local_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oncofm.fusion.drafting import DraftSettings, draft_explanations, export_for_review, import_reviewed
+
+    server = HTTPServer(("127.0.0.1", 0), _ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("ONCOFM_TEST_KEY", "sk-test")
+        settings = DraftSettings(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="local-model",
+                                 api_key_env="ONCOFM_TEST_KEY")
+        records = [{"patient_id": "TCGA-AA-0001", "split": "train", "label": 0, "risk": 0.21, "evidence": EVIDENCE,
+                    "target": "old"},
+                   {"patient_id": "TCGA-AA-0002", "split": "train", "label": 1, "risk": 0.8, "evidence": EVIDENCE,
+                    "target": "old"},
+                   {"patient_id": "TCGA-AA-0003", "split": "train", "label": None, "risk": 0.5, "evidence": EVIDENCE,
+                    "target": None}]
+        drafts = draft_explanations(records, settings)
+    finally:
+        server.shutdown()
+    assert len(drafts) == 2  # the unlabelled patient is not drafted
+    req = _ChatHandler.requests[-1]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "local-model" and "CA9" in req["body"]["messages"][-1]["content"]
+    # the server's first answer carried the prediction line; the second did not and gets the canonical one
+    assert parse_prediction(drafts[0]["draft"]).risk == 0.21
+    assert parse_prediction(drafts[1]["draft"]) == parse_prediction(format_prediction(True, 0.8))
+    # review loop through CSV: approve one (corrected) row, import into the dataset
+    run = tmp_path / "run"
+    (run / "reasoning").mkdir(parents=True)
+    (run / "reasoning" / "dataset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    review = export_for_review(drafts, tmp_path / "review.csv")
+    import csv
+
+    rows = list(csv.DictReader(review.open()))
+    rows[1]["corrected"] = "Corrected by the expert.\nPrediction: death within 5 years (risk 0.80)"
+    rows[1]["approved"] = "yes"
+    with review.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert import_reviewed(run, review) == 1
+    new = [json.loads(x) for x in (run / "reasoning" / "dataset.jsonl").read_text().splitlines()]
+    assert new[1]["target"].startswith("Corrected by the expert.") and new[1]["target_source"] == "expert"
+    assert new[0]["target"] == "old"
