@@ -179,3 +179,19 @@ def test_drafting_client_against_local_server(tmp_path: Path, monkeypatch: pytes
     new = [json.loads(x) for x in (run / "reasoning" / "dataset.jsonl").read_text().splitlines()]
     assert new[1]["target"].startswith("Corrected by the expert.") and new[1]["target_source"] == "expert"
     assert new[0]["target"] == "old"
+
+
+def test_cox_contribution_fallback_ranks_by_coef_times_z() -> None:
+    import pandas as pd
+
+    from oncofm.fusion.evidence import gene_evidence
+    from oncofm.fusion.reasoning import cox_contributions
+
+    z = pd.Series({"A": 2.0, "B": -1.0, "C": 1.0, "D": 3.0})
+    cox = {("KIRC", "A"): (0.5, 0.01), ("KIRC", "B"): (0.8, 0.02), ("KIRC", "C"): (-0.4, 0.03),
+           ("__pan__", "D"): (0.1, 0.9)}  # D: q too high, left out
+    att = cox_contributions(z, "KIRC", cox, max_q=0.25)
+    assert dict(zip(att["gene"], att["attribution"], strict=True)) == pytest.approx({"A": 1.0, "B": -0.8, "C": -0.4})
+    risk, prot = gene_evidence(att, z, "KIRC", cox, top=2)
+    assert [g["gene"] for g in risk] == ["A"] and [g["gene"] for g in prot] == ["B", "C"]
+    assert risk[0] == {"gene": "A", "z": 2.0, "cox": "+", "q": 0.01, "attribution": 1.0}

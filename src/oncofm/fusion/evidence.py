@@ -45,7 +45,8 @@ def cox_lookup(coefficients: pd.DataFrame | None, horizon_years: float = 5.0) ->
         best = hz.iloc[(hz - horizon_years).abs().argsort()].iloc[0]
         df = df[(hz == best) | hz.isna()]
     out: dict[tuple[str, str], tuple[float, float]] = {}
-    for ct, gene, coef, q in zip(df["cancer_type"].astype(str), df["gene"].astype(str), df["coef"], df["q"],
+    qs = df["q"] if "q" in df.columns else pd.Series(np.nan, index=df.index)
+    for ct, gene, coef, q in zip(df["cancer_type"].astype(str), df["gene"].astype(str), df["coef"], qs,
                                  strict=True):
         out[(ct, gene)] = (float(coef), float(q))
     return out

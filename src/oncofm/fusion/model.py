@@ -25,9 +25,8 @@ __all__ = ["FusionLLM", "FusionItem", "build_prompt_ids", "encode_item", "collat
            "SYSTEM_PROMPT", "USER_PROMPT"]
 
 IGNORE_INDEX = -100
-SYSTEM_PROMPT = "You are an oncology assistant. State only the evidence you are given."
-USER_PROMPT = ("The embedded tokens summarise this patient's omics and slide models. Explain the 5-year "
-               "survival prognosis from the evidence below and end with the prediction line.\n")
+SYSTEM_PROMPT = "You are an oncology assistant."
+USER_PROMPT = "Explain the 5-year prognosis from the embedded patient tokens and this evidence:\n"
 
 
 @dataclass

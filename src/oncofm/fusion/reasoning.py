@@ -55,6 +55,8 @@ class ReasoningSettings(StageSettings):
     head_c_grid: list[float] = Field([0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
                                      description="inverse L2 strengths tried; the best validation AUC wins")
     top_patches: int = Field(8, ge=1, description="most attended patches summarised as image findings")
+    fallback_q: float = Field(0.25, gt=0, le=1, description="without omics attributions: genes ranked by Cox "
+                              "contribution coef*z among genes with q below this")
     seed: int = 0
     redo: bool = False
 
@@ -193,10 +195,15 @@ def _evidence(settings: ReasoningSettings, pid: str, row: pd.Series, has_omics: 
                 "missing": []}
     if has_omics and pid in omics_prob.index:
         ev["omics_prob"] = round(float(omics_prob[pid]), 2)
-        if pid in att_groups:
-            zrow = z.loc[pid] if pid in z.index else pd.Series(dtype=float)
-            ev["risk_genes"], ev["protective_genes"] = gene_evidence(att_groups[pid], zrow, ct, cox,
-                                                                     settings.top_genes)
+        zrow = z.loc[pid] if pid in z.index else pd.Series(dtype=float)
+        att = att_groups.get(pid)
+        if att is None and len(zrow) and cox:
+            att = cox_contributions(zrow, ct, cox, settings.fallback_q)
+            ev["gene_source"] = "cox_contribution"
+        elif att is not None:
+            ev["gene_source"] = "omics_attribution"
+        if att is not None and len(att):
+            ev["risk_genes"], ev["protective_genes"] = gene_evidence(att, zrow, ct, cox, settings.top_genes)
     else:
         ev["missing"].append("omics")
     if has_slide and pid in slide_prob.index:
@@ -208,6 +215,19 @@ def _evidence(settings: ReasoningSettings, pid: str, row: pd.Series, has_omics: 
     else:
         ev["missing"].append("slide")
     return ev
+
+
+def cox_contributions(z: pd.Series, cancer_type: str, cox: dict, max_q: float) -> pd.DataFrame:
+    """Fallback gene attribution when the omics model wrote none: Cox log-hazard contribution ``coef * z``.
+
+    Only genes whose Cox q-value in the patient's cancer type (else pan-cancer) is below ``max_q``.
+    """
+    rows = []
+    for gene, zi in z.dropna().items():
+        coef, q = cox.get((cancer_type, str(gene)), cox.get(("__pan__", str(gene)), (np.nan, np.nan)))
+        if np.isfinite(coef) and np.isfinite(q) and q < max_q:
+            rows.append((str(gene), float(coef) * float(zi)))
+    return pd.DataFrame(rows, columns=["gene", "attribution"])
 
 
 def read_dataset(run: str | Path) -> list[dict]:
