@@ -15,7 +15,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the ray executor needs `pip install oncofm[cluster]`")
 
 from oncofm.distributed.executor import run_per_item  # noqa: E402
-from oncofm.distributed.slides import tile_many  # noqa: E402
+from oncofm.distributed.slides import extract_many, tile_many  # noqa: E402
 from oncofm.pathology.tiling import TilingSettings, tile_slide  # noqa: E402
 
 SLIDES = ["cmu1_small_region_svs/CMU-1-Small-Region.svs",  # Aperio SVS, 0.499 µm/px
@@ -46,7 +46,7 @@ def test_ray_executor_collects_failures(local_ray):
 
 
 @pytest.mark.slow
-def test_tile_many_on_ray_failure_table_and_skip(local_ray, shared_data, tmp_path):
+def test_tile_and_encode_many_on_ray_failure_table_and_skip(local_ray, shared_data, tmp_path):
     src = tmp_path / "slides"
     src.mkdir()
     paths = []
@@ -81,3 +81,25 @@ def test_tile_many_on_ray_failure_table_and_skip(local_ray, shared_data, tmp_pat
         assert [r.status for r in again] == ["skipped", "skipped", "skipped", "failed"]
     assert len(pd.read_csv(out / "failures.csv")) == 1
     assert not list(out.glob("*.lock")) and not list(out.glob(".*tmp"))
+
+    # frozen-encoder features of the tiled slides, one Ray task per slide; a bad tiles file -> failure table
+    from oncofm.pathology.encoders import create_encoder
+    from oncofm.pathology.slide_model import extract_features, load_features
+
+    bogus = out / "TCGA-XX-0001-01Z-00-DX1.h5"
+    bogus.write_bytes(b"not hdf5")
+    tiles = [out / "CMU-1-Small-Region.h5", bogus]
+    feats = extract_many(tiles, tmp_path / "features", "efficientnet-lite0", executor="ray", workers=2,
+                         progress=False)
+    assert [o.status for o in feats.outcomes] == ["ok", "failed"]
+    assert list(pd.read_csv(tmp_path / "features" / "failures.csv")["item"]) == [str(bogus)]
+    x, coords = load_features(feats.values[0])
+    assert x.shape[0] == first[0].n_patches and np.isfinite(x).all()
+    ref = extract_features(create_encoder("efficientnet-lite0").eval(), tiles[0], tmp_path / "ref_features.h5",
+                           encoder_name="efficientnet-lite0")
+    np.testing.assert_allclose(x, load_features(ref)[0], rtol=1e-2, atol=1e-2)  # float16 storage
+    mtime = (tmp_path / "features" / "CMU-1-Small-Region.h5").stat().st_mtime_ns
+    again = extract_many(tiles[:1], tmp_path / "features", "efficientnet-lite0", executor="local", workers=1,
+                         progress=False)
+    assert again.n_failed == 0
+    assert (tmp_path / "features" / "CMU-1-Small-Region.h5").stat().st_mtime_ns == mtime  # skipped, not redone

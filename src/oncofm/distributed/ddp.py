@@ -187,6 +187,42 @@ def write_probe_data(run: str | Path, target: str | Path, max_genes: int | None 
     return Path(target)
 
 
+def fit_omics(run: str | Path, out: str | Path, *, epochs: int = 1, batch_size: int = 128, d_model: int = 32,
+              n_layers: int = 2, cox_weight: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """The training loop alone on the omics model of ``run`` (no export): throughput under any launcher.
+
+    Uses the omics stage's own pieces (table, clinical encoder, model factory, task), so it measures what
+    ``train_omics`` spends in :func:`oncofm.training.fit`. The main process writes ``out/throughput.json``.
+    """
+    import torch
+
+    from oncofm.io import write_json
+    from oncofm.omics.data import ClinicalEncoder, OmicsDataset, load_omics_table
+    from oncofm.omics.model import create_model
+    from oncofm.omics.train import OmicsTask
+    from oncofm.training import TrainSettings, fit, make_accelerator
+
+    table = load_omics_table(run)
+    train, val = table.where_split("train"), table.where_split("val")
+    encoder = ClinicalEncoder.fit(train)
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, patience=epochs, monitor="val_score",
+                             mode="max", seed=seed, progress=False, resume=False, device="cpu")
+    accelerator = make_accelerator(settings)
+    torch.manual_seed(seed)
+    model = create_model("ft_transformer", n_genes=len(table.genes), n_cancer_types=len(encoder.cancer_types),
+                         d_model=d_model, n_layers=n_layers, n_heads=4)
+    result = fit(model, OmicsDataset(train, encoder), OmicsDataset(val, encoder), OmicsTask(cox_weight), settings,
+                 out, accelerator=accelerator)
+    stats = {"num_processes": accelerator.num_processes, "threads_per_process": torch.get_num_threads(),
+             "n_train": len(train), "n_val": len(val), "n_genes": len(table.genes), "epochs": result.epochs_run,
+             "fit_seconds": result.seconds, "samples_per_s": len(train) * result.epochs_run / result.seconds,
+             "history": result.history}
+    if accelerator.is_main_process:
+        write_json(stats, Path(out) / "throughput.json")
+    accelerator.wait_for_everyone()
+    return stats
+
+
 def train_stage(stage: str, settings_file: str | Path) -> None:
     """Run a training stage's library function from a settings YAML (so a launcher can start it)."""
     if stage != "omics":
@@ -211,8 +247,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     probe.add_argument("--seed", type=int, default=0)
     stage = sub.add_parser("omics", help="train the omics model (train_omics) from a settings YAML")
     stage.add_argument("--settings", required=True, help="OmicsTrainSettings YAML (settings.save(...))")
+    fo = sub.add_parser("omics-fit", help="the training loop alone on the omics model (throughput)")
+    fo.add_argument("--run-dir", required=True, help="run with cohort, splits and features")
+    fo.add_argument("--out", required=True)
+    fo.add_argument("--epochs", type=int, default=1)
+    fo.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    fo.add_argument("--d-model", type=int, default=32)
+    fo.add_argument("--n-layers", type=int, default=2)
     a = parser.parse_args(argv)
-    if a.command == "probe":
+    if a.command == "omics-fit":
+        fit_omics(a.run_dir, a.out, epochs=a.epochs, batch_size=a.batch_size, d_model=a.d_model, n_layers=a.n_layers)
+    elif a.command == "probe":
         train_probe(a.data, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, hidden=a.hidden,
                     seed=a.seed)
     else:
