@@ -154,7 +154,11 @@ class SwinEncoder(PatchEncoder):
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k.removeprefix("swin.").removeprefix("model."): v for k, v in state.items()}
-        missing, unexpected = self.swin.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.swin.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches
+            raise OncoFMError(f"{path}: the Swin weights do not fit the {self.name!r} preset "
+                              f"({str(exc).splitlines()[1].strip()}); pick the matching --encoder preset") from None
         core_missing = [k for k in missing if not k.startswith("pooler")]
         if core_missing:
             raise OncoFMError(f"{path}: {len(core_missing)} Swin weights missing (e.g. {core_missing[:3]}); "
@@ -199,6 +203,13 @@ def _build_swin(preset: str, weights: str | Path | None = None, **overrides: Any
     from transformers import SwinConfig
 
     config = SwinConfig(**{**SWIN_PRESETS[preset], **overrides})
+    side = config.image_size // config.patch_size
+    for stage in range(len(config.depths)):
+        if side % config.window_size and side > config.window_size or side < config.window_size:
+            raise OncoFMError(f"Swin {preset}: stage {stage + 1} has a {side}x{side} token grid, which windows of "
+                              f"{config.window_size} do not tile; choose image_size/window_size so that every "
+                              f"stage's grid is a multiple of window_size (e.g. image_size=64, window_size=4)")
+        side //= 2
     enc = SwinEncoder(config, name=preset)
     if weights:
         enc.load_weights(weights)

@@ -45,6 +45,8 @@ class SlideTrainSettings(StageSettings):
     run: str = Field(..., description="run directory")
     encoder: str = Field("swin-cpu", description="patch encoder (oncofm.pathology.encoders registry)")
     encoder_weights: str | None = Field(None, description="local pretrained weights for the encoder")
+    encoder_options: dict[str, Any] = Field(default_factory=dict, description="extra encoder arguments, e.g. "
+                                            "{image_size: 64, window_size: 4} for a Swin on small patches")
     aggregator: str = Field("gated-attention", description="gated-attention | mean")
     mode: Literal["features", "end-to-end"] = Field(
         "features", description="features: frozen encoder, features cached once; end-to-end: train the "
@@ -95,7 +97,9 @@ def _build_model(settings: SlideTrainSettings, with_encoder: bool) -> tuple[Any,
     from oncofm.pathology.mil import create_aggregator
     from oncofm.pathology.slide_model import SlideClassifier
 
-    kw = {"weights": settings.encoder_weights} if settings.encoder_weights else {}
+    kw = dict(settings.encoder_options)
+    if settings.encoder_weights:
+        kw["weights"] = settings.encoder_weights
     encoder = create_encoder(settings.encoder, **kw)
     aggregator = create_aggregator(settings.aggregator, encoder.dim, hidden=settings.hidden,
                                    dropout=settings.dropout)

@@ -1,0 +1,81 @@
+"""Contract tests over every registered patch encoder, plus Swin attention maps and weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oncofm.errors import OncoFMError
+from oncofm.pathology.encoders import create_encoder, list_encoders
+
+LARGE = {"swin-small", "swin-base"}  # 50-90 M parameters: built in the slow run only
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n
+                                  for n in list_encoders()])
+def test_every_registered_encoder_builds_and_encodes(name: str) -> None:
+    torch.manual_seed(0)
+    enc = create_encoder(name).eval()
+    x = torch.rand(2, 3, 48, 48)  # any patch side: resized to the encoder's input size
+    with torch.no_grad():
+        out = enc(x)
+    assert out.shape == (2, enc.dim)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1])  # different patches, different features
+
+
+def test_unknown_encoder_names_the_choices() -> None:
+    with pytest.raises(OncoFMError, match="swin-cpu"):
+        create_encoder("resnet-999")
+
+
+def test_swin_attention_map_is_a_distribution_over_the_last_stage_grid() -> None:
+    enc = create_encoder("swin-cpu").eval()
+    with torch.no_grad():
+        maps = enc.attention_map(torch.rand(3, 3, 112, 112))
+    assert maps.shape == (3, 7, 7)  # 112 / 4 / 2 / 2
+    assert torch.all(maps >= 0)
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(3))
+
+
+def test_swin_attention_map_with_several_windows() -> None:
+    """224 px with 2 stages: a 28 x 28 last-stage grid in 16 windows of 7 x 7, reassembled in place."""
+    enc = create_encoder("swin-cpu", image_size=112, depths=[2, 2], num_heads=[2, 4]).eval()
+    with torch.no_grad():
+        maps = enc.attention_map(torch.rand(1, 3, 112, 112))
+    assert maps.shape == (1, 14, 14)
+    torch.testing.assert_close(maps.sum(), torch.tensor(1.0))
+
+
+def test_swin_loads_local_weights(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    a = create_encoder("swin-cpu").eval()
+    save_file({k: v.contiguous() for k, v in a.swin.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    a.swin.save_pretrained(tmp_path / "hf")
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 112, 112)
+    for weights in (tmp_path / "w.safetensors", tmp_path / "hf"):
+        b = create_encoder("swin-cpu", weights=weights).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(a(x), b(x))
+    with pytest.raises(OncoFMError, match="preset"):
+        create_encoder("swin-tiny", weights=tmp_path / "w.safetensors")
+
+
+def test_efficientnet_lite0_imagenet_weights_are_loaded() -> None:
+    """The shipped ImageNet weights load strictly into the Lite0 definition, and its BatchNorm statistics
+    fit the activations they were trained on: a random init would not match the stored running stats."""
+    enc = create_encoder("efficientnet-lite0").eval()
+    rand = create_encoder("efficientnet-lite0", pretrained=False).eval()
+    assert not torch.allclose(enc._conv_stem.weight, rand._conv_stem.weight)
+    x = torch.rand(4, 3, 224, 224)
+    with torch.no_grad():
+        probs = torch.softmax(enc.logits(x), dim=1)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(4))
+    # BN after the stem: stored running variance is of the order of the real activation variance
+    with torch.no_grad():
+        stem = enc._conv_stem(enc.prepare(torch.rand(8, 3, 224, 224)))
+    ratio = stem.var(dim=(0, 2, 3)).mean() / enc._bn0.running_var.mean()
+    assert 0.05 < float(ratio) < 20
