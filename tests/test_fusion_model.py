@@ -158,6 +158,7 @@ def test_reasoning_dataset_on_real_cohort(fusion_run: Path) -> None:
     assert all(g["attribution"] > 0 for g in ev["risk_genes"]) and all(g["attribution"] < 0 for g in ev["protective_genes"])
 
 
+@pytest.mark.slow
 def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path) -> None:
     from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion
     from oncofm.fusion.llm import LLMSettings
