@@ -167,7 +167,15 @@ def model_version(model_dir: Path) -> str:
 
 
 def model_genes(layout: RunLayout) -> list[str]:
-    """The genes the models use: ``features/genes.txt``, else every gene with normalisation statistics."""
+    """The genes the omics model uses (its ``config.yaml``), else ``features/genes.txt``, else every gene
+    with normalisation statistics."""
+    import yaml
+
+    config = layout.model_dir("omics") / "config.yaml"
+    if config.exists():
+        genes = (yaml.safe_load(config.read_text()) or {}).get("genes")
+        if genes:
+            return [str(g) for g in genes]
     genes_txt = layout.features_dir / "genes.txt"
     if genes_txt.exists():
         return [g for g in genes_txt.read_text().split() if g]
