@@ -57,9 +57,11 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(v: object, digits: int = 3) -> str:
+def _fmt(v: object, digits: int = 3, q: bool = False) -> str:
     if isinstance(v, float | np.floating):
-        return "—" if not np.isfinite(v) else f"{v:.{digits}f}"
+        if not np.isfinite(v):
+            return "—"
+        return f"{v:.2g}" if q else f"{v:.{digits}f}"
     return _e(v)
 
 
@@ -125,14 +127,15 @@ def _slide(ex: Explanation) -> str:
                 "no slide model, so no heatmap.</figcaption></figure></div>")
     heat = data_uri(plots.heatmap_overlay_png(ex.tiled, ex.slide.attention))
     att = np.sort(ex.slide.attention)[::-1]
-    top10 = float(att[:10].sum())
+    k = min(10, len(att))
+    top10 = float(att[:k].sum())
     return (
         "<h2>Slide and attention heatmap</h2><div class='row'>"
         f"<figure><div class='zoom'><img id='thumbnail' src='{thumb}' alt='slide thumbnail'></div>"
         f"<figcaption>{_e(ex.tiled.path.name)} ({ex.tiled.level0_size[0]}×{ex.tiled.level0_size[1]} px, "
         f"{ex.tiled.mpp:.3g} µm/px)</figcaption></figure>"
         f"<figure><div class='zoom'><img id='heatmap' src='{heat}' alt='attention heatmap'></div>"
-        f"<figcaption>Attention of the slide model over {len(att)} patches; the 10 most attended hold "
+        f"<figcaption>Attention of the slide model over {len(att)} patches; the {k} most attended hold "
         f"{100 * top10:.0f}% of it. Wheel to zoom, drag to pan, double-click to reset.</figcaption></figure></div>"
         + _patches(ex))
 
@@ -156,7 +159,7 @@ def _genes(ex: Explanation) -> str:
     img = data_uri(plots.gene_bars_png(ex.omics.attributions, top))
     cols = [c for c in ("gene", "attribution", "expression_z", "coef", "q") if c in ex.omics.attributions]
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r[c], q=c == 'q')}</td>" for c in cols) + "</tr>"
                    for _, r in ex.omics.attributions.head(top).iterrows())
     cov = ""
     if ex.norm is not None:
