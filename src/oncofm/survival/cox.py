@@ -22,10 +22,10 @@ A gene leaves the batch once its Newton step is below ``tol``.
 
 Honest failures give NaN (never inf) with the reason in ``note_``; a :class:`ConvergenceWarning`
 counts them: fewer than ``min_events`` events, missing values only, a constant gene, complete
-separation (checked exactly before fitting: every death has the highest — or every death the lowest — value
-in its risk set, so the likelihood is monotone and the estimate infinite; and during fitting: the log hazard
-ratio across the gene's observed range, ``|beta| * (max x - min x)``, exceeds ``max_log_hr``, or the
-information vanishes), or no convergence within ``max_iter`` iterations.
+separation (the log hazard ratio across the gene's observed range, ``|beta| * (max x - min x)``, exceeds
+``max_log_hr``, or the information vanishes; the note then says whether the likelihood is exactly
+monotone — every death has the highest, or every death the lowest, value in its risk set, so the
+estimate is infinite — or only diverging), or no convergence within ``max_iter`` iterations.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class BatchedCoxPH:
     max_log_hr : float
         Separation is declared when ``|coef| * (max x - min x)`` exceeds this (a hazard ratio of
         ``e^max_log_hr`` between the gene's lowest and highest value), or when the information vanishes.
-        Exact complete separation (a monotone likelihood) is detected before fitting.
+        The note says whether the likelihood is exactly monotone (complete separation).
     max_halvings : int
         Step halvings allowed within one iteration when the log-likelihood decreases.
 
@@ -357,10 +357,7 @@ class BatchedCoxPH:
         where = " within every stratum" if len(blocks) > 1 else ""
         self.note_[cols[constant]] = f"{NOTE_CONSTANT} (no variation{where})"
         span_all = np.max([blk.xmax - blk.xmin for blk in blocks], axis=0)
-        monotone = _monotone_likelihood(blocks, strata) & ~constant
-        self.note_[cols[monotone]] = (f"{NOTE_SEPARATION} (every death has the extreme value in its risk set: "
-                                      "the likelihood is monotone, the estimate infinite)")
-        active = np.flatnonzero(~constant & ~monotone)                               # positions within cols
+        active = np.flatnonzero(~constant)                                           # positions within cols
         if len(active) < len(cols):
             blocks = [blk.select(active) for blk in blocks]
         n_events = sum(st.n_events for st in strata)
@@ -375,16 +372,17 @@ class BatchedCoxPH:
 
         while len(active):
             no_info = ~(info > 1e-12 * n_events * sd_a**2)                     # information vanished (or NaN)
-            done = (np.abs(step) < self.tol) & ~no_info
-            diverged = ~done & (no_info | ~np.isfinite(step) | (np.abs(b + step) * span > self.max_log_hr))
+            # checked before convergence: on a monotone likelihood the score can underflow to 0 far out
+            diverged = no_info | ~np.isfinite(step) | (np.abs(b + step) * span > self.max_log_hr)
+            done = (np.abs(step) < self.tol) & ~diverged
             out_of_iter = (n_iter >= self.max_iter) & ~done & ~diverged
             idx = cols[active[done]]
             self.coef_[idx] = (b + step)[done]                                  # the last (tiny) step for free
             self.se_[idx] = 1.0 / np.sqrt(info[done])
             self.loglik_[idx] = ll[done]
             self.converged_[idx] = True
-            self.note_[cols[active[diverged]]] = (
-                f"{NOTE_SEPARATION} (coefficient diverges: |coef| * range(x) > {self.max_log_hr:g} or no information)")
+            if diverged.any():
+                self._note_separation(blocks, strata, cols[active[diverged]], diverged)
             self.note_[cols[active[out_of_iter]]] = f"{NOTE_NOT_CONVERGED} in max_iter={self.max_iter} iterations"
             self.n_iter_[cols[active]] = n_iter
             keep = ~(done | diverged | out_of_iter)
@@ -408,6 +406,15 @@ class BatchedCoxPH:
                 step = np.where(accept, grad / info, step / 2)
             halvings = np.where(worse, halvings + 1, 0)
             n_iter = n_iter + 1
+
+    def _note_separation(self, blocks: list[_Block], strata: list[_Stratum], idx: np.ndarray,
+                         mask: np.ndarray) -> None:
+        """Notes for diverging genes: exact complete separation (monotone likelihood), or a diverging fit."""
+        monotone = _monotone_likelihood([blk.select(mask) for blk in blocks], strata)
+        self.note_[idx[monotone]] = (f"{NOTE_SEPARATION} (every death has the extreme value in its risk set: "
+                                     "the likelihood is monotone, the estimate infinite)")
+        self.note_[idx[~monotone]] = (f"{NOTE_SEPARATION} (quasi: coefficient diverges, |coef| * range(x) > "
+                                      f"{self.max_log_hr:g}, or the information vanishes)")
 
     def _warn(self) -> None:
         bad = self.note_ != ""
