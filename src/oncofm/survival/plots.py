@@ -63,13 +63,32 @@ def plot_volcanoes(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     return out
 
 
-def top_genes(table: pd.DataFrame, n: int) -> list[str]:
-    """The ``n`` genes with the smallest q in any cancer type (ties broken by the largest |z|)."""
+def top_genes(table: pd.DataFrame, n: int, q_max: float = 0.05) -> list[str]:
+    """``n`` genes for the heatmap, balanced across cancer types.
+
+    Round-robin over cancer types: each takes its next most significant gene (smallest q, then largest
+    |z|) with q < ``q_max`` not yet chosen; when no type has one left, the list is topped up with the
+    genes of smallest q anywhere.
+    """
     per = table[table["cancer_type"] != "__pan__"].dropna(subset=["q"])
     if per.empty:
         per = table.dropna(subset=["q"])
-    agg = per.assign(absz=per["z"].abs()).groupby("gene").agg(q=("q", "min"), absz=("absz", "max"))
-    return agg.sort_values(["q", "absz"], ascending=[True, False]).index[:n].tolist()
+    ranked = per.assign(absz=per["z"].abs()).sort_values(["q", "absz"], ascending=[True, False])
+    queues = {ct: part.loc[part["q"] < q_max, "gene"].tolist() for ct, part in ranked.groupby("cancer_type")}
+    chosen: list[str] = []
+    while len(chosen) < n and any(queues.values()):
+        for ct in sorted(queues):
+            queue = queues[ct]
+            while queue and queue[0] in chosen:
+                queue.pop(0)
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    for gene in ranked["gene"]:
+        if len(chosen) >= n:
+            break
+        if gene not in chosen:
+            chosen.append(gene)
+    return chosen
 
 
 def plot_heatmap(table: pd.DataFrame, path: str | Path, n_genes: int = 40) -> Path:
@@ -89,7 +108,8 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, n_genes: int = 40) -> Pa
     ax.scatter(xx, yy, s=6, c="k", marker="o", lw=0)
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
     ax.set_yticks(range(len(genes)), genes, fontsize=6)
-    ax.set_title("Cox coefficient (log HR per SD), top genes; • q < 0.05; grey = no estimate", fontsize=8)
+    ax.set_title("Cox coefficient (log HR per SD); genes: most significant per cancer type, in turn;\n"
+                 "• q < 0.05; grey = no estimate", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.5)
     fig.tight_layout()
     path = Path(path)
