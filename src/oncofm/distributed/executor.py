@@ -256,14 +256,14 @@ class RayExecutor(Executor):
         except ImportError:
             raise OncoFMError("the ray executor needs Ray: pip install 'oncofm[cluster]' (ray==2.60.0)") from None
         self._ray = ray
-        self._started_here = False
+        self._initialised_here = False  # then close() disconnects (and stops an instance it started)
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"log_to_driver": False}
             if settings.address:
                 kwargs["address"] = settings.address
             else:  # a throw-away instance on this machine
                 kwargs.update(num_cpus=settings.workers or os.cpu_count() or 1, include_dashboard=False)
-                self._started_here = True
+            self._initialised_here = True
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -298,7 +298,7 @@ class RayExecutor(Executor):
                 yield i, ItemOutcome(items[i], status, value, reason, secs)
 
     def close(self) -> None:
-        if self._started_here and self._ray.is_initialized():
+        if self._initialised_here and self._ray.is_initialized():
             self._ray.shutdown()
 
 
