@@ -83,3 +83,26 @@ def test_browser_demo_patient_report(server):
         page.screenshot(path=str(ARTIFACTS / "browser_demo_report.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "browser_demo_report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_browser_failed_job_shows_its_error(server, tmp_path):
+    """An uploaded image without tissue: the page shows the job's error message."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((600, 600, 3), 245, np.uint8)).save(blank)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(server)
+        expect(page.locator("#cancer_type option[value='KIRC']")).to_have_count(1, timeout=20_000)
+        page.set_input_files("#slide", str(blank))
+        page.select_option("#cancer_type", "KIRC")
+        page.fill("#mpp", "0.5")
+        page.click("#upload-button")
+        expect(page.locator("#error")).to_contain_text("no tissue found", timeout=60_000)
+        expect(page.locator("#result")).to_be_hidden()
+        browser.close()
