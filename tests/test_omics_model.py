@@ -113,8 +113,8 @@ def test_learns_planted_signal_and_attributions_find_it(tmp_path) -> None:
     from oncofm.omics.train import MODEL_LABEL, OmicsTrainSettings, train_omics
 
     run = make_synthetic_run(tmp_path / "run")
-    settings = OmicsTrainSettings(run=str(run), d_model=16, n_layers=1, n_heads=2, epochs=25, patience=25,
-                                  batch_size=64, lr=3e-3, baselines=["clinical"], n_boot=50, ig_steps=8,
+    settings = OmicsTrainSettings(run=str(run), d_model=16, n_layers=1, n_heads=2, epochs=10, patience=10,
+                                  batch_size=64, lr=3e-3, baselines=["clinical"], n_boot=50, ig_steps=8, threads=1,
                                   progress=False)
     train_omics(settings)
     arts = OmicsArtifacts.of(run)

@@ -47,7 +47,8 @@ def gene_design(table: OmicsTable) -> np.ndarray:
 
 def _val_score(table: OmicsTable, prob: np.ndarray) -> float:
     has = ~np.isnan(table.label)
-    return np.nanmean([auc_score(table.label[has], prob[has]), harrell_c_index(table.time, table.event, prob)])
+    t, e = censor_at_horizon(table.time, table.event, table.horizon_years)  # as the transformer's monitor
+    return np.nanmean([auc_score(table.label[has], prob[has]), harrell_c_index(t, e, prob)])
 
 
 def _select(name: str, grid: list, fit_predict: Callable, val: OmicsTable) -> tuple:

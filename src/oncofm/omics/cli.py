@@ -27,6 +27,8 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
                                              "[clinical,logistic_l2,coxnet,hgb]; '' for none."),
         ig_steps: int | None = typer.Option(None, help="Integrated-gradient steps [8]."),
         n_boot: int | None = typer.Option(None, help="Bootstrap resamples for the AUC CI [1000]."),
+        threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's); 1 is fastest on a "
+                                             "machine shared with other jobs."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
         redo: bool = typer.Option(False, help="Retrain even if the model exists with the same settings."),
     ) -> None:
@@ -39,7 +41,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
 
         values = dict(run=str(run), max_genes=max_genes, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                       dropout=dropout, cox_weight=cox_weight, epochs=epochs, patience=patience, lr=lr,
-                      batch_size=batch_size, seed=seed, ig_steps=ig_steps, n_boot=n_boot,
+                      batch_size=batch_size, seed=seed, ig_steps=ig_steps, n_boot=n_boot, threads=threads,
                       progress=False if no_progress else None, redo=redo or None,
                       baselines=None if baselines is None else [b for b in baselines.split(",") if b.strip()])
         settings = (OmicsTrainSettings.from_yaml(config, **values) if config is not None

@@ -12,7 +12,8 @@ Tokens (all of width ``d_model``)::
 - cancer type: an embedding (index 0 = a type unseen in training); age: ``a * w + b`` (its own embedding
   when unknown); sex: an embedding (unknown / female / male);
 - a pre-norm transformer encoder; the final CLS state, layer-normalised, is the penultimate embedding;
-  a linear head gives the logit of P(death within the horizon). The same logit is the risk score of the
+  a linear head gives the logit of P(death within the horizon). With ``linear_skip`` a linear model on the
+  same inputs (x and x·c of every gene, cancer type, age) is added to that logit (wide & deep). The same logit is the risk score of the
   auxiliary Cox loss (see :mod:`oncofm.omics.train`).
 
 Shape
@@ -58,7 +59,7 @@ class OmicsTransformer(nn.Module):
 
     def __init__(self, *, n_genes: int, n_cancer_types: int, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 4, ffn_factor: float = 2.0, dropout: float = 0.1,
-                 attention_dropout: float = 0.1) -> None:
+                 attention_dropout: float = 0.1, linear_skip: bool = False) -> None:
         super().__init__()
         if n_genes < 1:
             raise ValueError(f"need at least one gene token, got {n_genes=}")
@@ -74,7 +75,7 @@ class OmicsTransformer(nn.Module):
             raise ValueError(f"{ffn_factor=} must be > 0")
         self.config = {"n_genes": n_genes, "n_cancer_types": n_cancer_types, "d_model": d_model,
                        "n_layers": n_layers, "n_heads": n_heads, "ffn_factor": ffn_factor, "dropout": dropout,
-                       "attention_dropout": attention_dropout}
+                       "attention_dropout": attention_dropout, "linear_skip": linear_skip}
         self.genes = GeneTokenizer(n_genes=n_genes, d_model=d_model)
         self.cancer = nn.Embedding(n_cancer_types, d_model)
         self.sex = nn.Embedding(3, d_model)
@@ -88,6 +89,10 @@ class OmicsTransformer(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 1)
+        # wide part (optional): a linear model on the same inputs added to the logit, so the encoder
+        # learns the residual over a penalised-logistic / Cox-like prognostic index
+        self.skip = nn.ModuleDict({"genes": nn.Linear(2 * n_genes, 1), "cancer": nn.Embedding(n_cancer_types, 1),
+                                   "clinical": nn.Linear(2, 1)}) if linear_skip else None
         self.reset_parameters()
 
     @property
@@ -107,6 +112,11 @@ class OmicsTransformer(nn.Module):
                     (m.reset_parameters if hasattr(m, "reset_parameters") else m._reset_parameters)()
         self.norm.reset_parameters()
         self.head.reset_parameters()
+        if self.skip is not None:
+            for m in self.skip.values():
+                nn.init.zeros_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
 
     def tokens(self, pairs: torch.Tensor, cancer: torch.Tensor, age: torch.Tensor,
                sex: torch.Tensor) -> torch.Tensor:
@@ -125,7 +135,14 @@ class OmicsTransformer(nn.Module):
             raise ValueError(f"pairs must be (B, {self.config['n_genes']}, 2), got {tuple(pairs.shape)}")
         h = self.encoder(self.tokens(pairs, cancer, age, sex))  # (B, 4 + G, d)
         embedding = self.norm(h[:, 0])  # (B, d) — the penultimate layer
-        return self.head(embedding).squeeze(-1), embedding
+        logits = self.head(embedding).squeeze(-1)  # (B,)
+        if self.skip is not None:
+            x = pairs[..., 0]  # (B, G)
+            wide = torch.cat([x, x * pairs[..., 1]], dim=1)  # (B, 2G)
+            clinical = torch.stack([torch.nan_to_num(age), torch.isnan(age).to(age.dtype)], 1)  # (B, 2)
+            logits = logits + (self.skip["genes"](wide) + self.skip["cancer"](cancer)
+                               + self.skip["clinical"](clinical)).squeeze(-1)
+        return logits, embedding
 
 
 def model_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:

@@ -51,17 +51,20 @@ class OmicsTrainSettings(StageSettings):
     ffn_factor: float = Field(2.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
+    linear_skip: bool = Field(False, description="add a linear (wide) path on the same inputs to the logit")
     cox_weight: float = Field(0.5, ge=0, description="weight of the auxiliary Cox partial likelihood")
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    patience: int = Field(8, ge=1)
+    patience: int = Field(5, ge=1)
     seed: int = 0
     baselines: list[str] = Field(default_factory=lambda: ["clinical", "logistic_l2", "coxnet", "hgb"])
     ig_steps: int = Field(8, ge=1, description="integrated-gradient steps per patient")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the AUC CI")
     device: str = Field("cpu", pattern="^(cpu|auto)$")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default); 1 is "
+                                "fastest on a machine shared with other jobs")
     progress: bool = True
     redo: bool = False
 
@@ -149,6 +152,16 @@ def _metrics_dict(table: pd.DataFrame) -> dict[str, Any]:
     return {"pooled": table.loc[POOLED].to_dict(), "per_cancer_type": per.to_dict(orient="index"),
             "mean_cancer_c_index": mean_per_cancer(table, "c_index"),
             "mean_cancer_auc": mean_per_cancer(table, "auc")}
+
+
+def _val_metrics(val: Any, prob: np.ndarray) -> dict[str, float]:
+    """Validation AUC (labelled) and C-index (follow-up censored at the horizon, as the loop monitors)."""
+    from oncofm.survival.endpoints import censor_at_horizon
+    from oncofm.survival.metrics import auc_score, harrell_c_index
+
+    has = ~np.isnan(val.label)
+    t, e = censor_at_horizon(val.time, val.event, val.horizon_years)
+    return {"auc": auc_score(val.label[has], prob[has]), "c_index": harrell_c_index(t, e, prob)}
 
 
 def comparison_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -266,6 +279,8 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     if settings.redo and arts.training_dir.exists():
         shutil.rmtree(arts.training_dir)
 
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     t_start = time.perf_counter()
     table = load_omics_table(settings.run, horizon_years=settings.horizon_years, max_genes=settings.max_genes)
     train, val, test = (table.where_split(s) for s in ("train", "val", "test"))
@@ -281,7 +296,8 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     torch.manual_seed(settings.seed)
     arch = {"n_genes": len(table.genes), "n_cancer_types": len(encoder.cancer_types), "d_model": settings.d_model,
             "n_layers": settings.n_layers, "n_heads": settings.n_heads, "ffn_factor": settings.ffn_factor,
-            "dropout": settings.dropout, "attention_dropout": settings.attention_dropout}
+            "dropout": settings.dropout, "attention_dropout": settings.attention_dropout,
+            "linear_skip": settings.linear_skip}
     model = create_model(settings.model, **arch)
     train_settings = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                                    weight_decay=settings.weight_decay, patience=settings.patience,
@@ -311,10 +327,15 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     results = {MODEL_LABEL: _metrics_dict(evaluate_predictions(prob=prob[is_test], risk=logits[is_test], **common))}
     test_probs = {MODEL_LABEL: prob[is_test]}
     chosen = {}
+    is_val = table.split == "val"
+    val_results = {MODEL_LABEL: _val_metrics(val, prob[is_val])}
     for name, b in run_baselines(train, val, test, encoder, tuple(settings.baselines)).items():
         results[name] = _metrics_dict(evaluate_predictions(prob=b.test_prob, risk=b.test_risk, **common))
         test_probs[name] = b.test_prob
         chosen[name] = b.chosen
+        val_results[name] = _val_metrics(val, b.val_prob)
+    log.info("validation split (selection only): %s", ", ".join(
+        f"{k} AUC {v['auc']:.3f} C {v['c_index']:.3f}" for k, v in val_results.items()))
     rows = comparison_rows(results)
     print_comparison(rows, results[MODEL_LABEL]["per_cancer_type"], "5-year survival, tcga test split"
                      if "tcga13" in str(settings.run) else "5-year survival, test split")
@@ -331,7 +352,7 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
               "clinical": encoder.to_dict(), "horizon_years": settings.horizon_years,
               "best_epoch": result.best_epoch, "source_run": str(Path(settings.run).resolve())}
     save_model(arts, model, config)
-    metrics = {"test": results, "comparison": rows, "baseline_hyperparameters": chosen,
+    metrics = {"test": results, "comparison": rows, "baseline_hyperparameters": chosen, "val": val_results,
                "training": {"best_epoch": result.best_epoch, "best_val_score": result.best_metric,
                             "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
                             "fit_seconds": result.seconds, "train_seconds_incl_loading": train_seconds,
