@@ -136,3 +136,17 @@ def test_non_training_patients_do_not_change_the_table(cox_run: Path, table: pd.
     patients.to_parquet(cohort / "patients.parquet", index=False)
     run_cox(CoxSettings(run=str(run), plots=False))
     pd.testing.assert_frame_equal(load_coefficients(run), table)
+
+
+def test_threads_do_not_change_the_table(cox_run: Path) -> None:
+    from oncofm.cohort.normalize import load_normalized_expression
+    from oncofm.survival.cox_stage import fit_coefficients
+
+    train = _train(cox_run).set_index("patient_id")
+    train = train[train["cancer_type"].isin(["KIRC", "LGG", "READ"])]
+    expr = load_normalized_expression(cox_run).loc[train.index].iloc[:, :150]
+    args = (expr, train["os_days"].to_numpy(), train["os_event"].to_numpy(), train["cancer_type"].to_numpy())
+    one = fit_coefficients(*args, n_jobs=1, progress=False)
+    two = fit_coefficients(*args, n_jobs=2, progress=False)
+    pd.testing.assert_frame_equal(one, two)
+    assert set(one["cancer_type"]) == {"KIRC", "LGG", "READ", PAN_CANCER}
