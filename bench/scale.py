@@ -79,7 +79,7 @@ def bench_tiling(replicas: int, work: Path) -> dict[str, float]:
     for executor in ("local", "ray"):
         if executor == "ray":
             t0 = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             _say(f"ray.init (local instance, 2 CPUs): {time.perf_counter() - t0:.1f} s, not counted below")
         for workers in (1, 2):
             out = work / f"tiles_{executor}_{workers}"

@@ -25,7 +25,7 @@ SLIDES = ["cmu1_small_region_svs/CMU-1-Small-Region.svs",  # Aperio SVS, 0.499 Â
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a leftover cluster
     # test-module functions travel by value (Ray workers cannot import the tests folder)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield

@@ -261,8 +261,9 @@ class RayExecutor(Executor):
             kwargs: dict[str, Any] = {"log_to_driver": False}
             if settings.address:
                 kwargs["address"] = settings.address
-            else:  # a throw-away instance on this machine
-                kwargs.update(num_cpus=settings.workers or os.cpu_count() or 1, include_dashboard=False)
+            else:  # a throw-away instance on this machine ("local": never a cluster found in /tmp/ray)
+                kwargs.update(address="local", num_cpus=settings.workers or os.cpu_count() or 1,
+                              include_dashboard=False)
             self._initialised_here = True
             try:
                 ray.init(**kwargs)
