@@ -12,7 +12,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
     def train_omics_cmd(
         run: Path = typer.Option(..., "--run", "-r", help="Run directory with cohort/, cox/ and features/."),
         config: Path | None = typer.Option(None, help="YAML with any OmicsTrainSettings (options below win)."),
-        max_genes: int | None = typer.Option(None, help="Gene tokens: the first N of features/genes.txt [64]."),
+        max_genes: int | None = typer.Option(None, help="Gene tokens: the first N of features/genes.txt [16]."),
         d_model: int | None = typer.Option(None, help="Token width [32]."),
         n_layers: int | None = typer.Option(None, help="Transformer layers [2]."),
         n_heads: int | None = typer.Option(None, help="Attention heads [4]."),

@@ -42,7 +42,7 @@ class OmicsTrainSettings(StageSettings):
 
     run: str
     horizon_years: float = Field(5.0, gt=0)
-    max_genes: int | None = Field(64, ge=1, description="use the first N genes of features/genes.txt "
+    max_genes: int | None = Field(16, ge=1, description="use the first N genes of features/genes.txt "
                                   "(ranked by the features stage); None = all")
     model: str = "ft_transformer"
     d_model: int = Field(32, ge=8)
