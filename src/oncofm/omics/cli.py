@@ -18,8 +18,12 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         n_heads: int | None = typer.Option(None, help="Attention heads [4]."),
         dropout: float | None = typer.Option(None, help="Dropout [0.1]."),
         cox_weight: float | None = typer.Option(None, help="Weight of the auxiliary Cox loss; 0 = BCE only [0.5]."),
-        epochs: int | None = typer.Option(None, help="Maximum epochs [30]."),
-        patience: int | None = typer.Option(None, help="Early-stopping patience on the validation score [8]."),
+        cox_stratified: bool | None = typer.Option(None, "--cox-stratified/--cox-pooled",
+                                                   help="Cox risk sets within cancer type (default: pooled)."),
+        linear_skip: bool | None = typer.Option(None, "--linear-skip/--no-linear-skip",
+                                                help="Add a linear (wide) path to the logit (default: off)."),
+        epochs: int | None = typer.Option(None, help="Maximum epochs [20]."),
+        patience: int | None = typer.Option(None, help="Early-stopping patience on the validation score [5]."),
         lr: float | None = typer.Option(None, help="Learning rate [1e-3]."),
         batch_size: int | None = typer.Option(None, help="Batch size [128]."),
         seed: int | None = typer.Option(None, help="Random seed [0]."),
@@ -40,7 +44,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         from oncofm.omics.train import OmicsTrainSettings, train_omics
 
         values = dict(run=str(run), max_genes=max_genes, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                      dropout=dropout, cox_weight=cox_weight, epochs=epochs, patience=patience, lr=lr,
+                      dropout=dropout, cox_weight=cox_weight, cox_stratified=cox_stratified, linear_skip=linear_skip, epochs=epochs, patience=patience, lr=lr,
                       batch_size=batch_size, seed=seed, ig_steps=ig_steps, n_boot=n_boot, threads=threads,
                       progress=False if no_progress else None, redo=redo or None,
                       baselines=None if baselines is None else [b for b in baselines.split(",") if b.strip()])

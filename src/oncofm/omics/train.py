@@ -53,6 +53,7 @@ class OmicsTrainSettings(StageSettings):
     attention_dropout: float = Field(0.1, ge=0, lt=1)
     linear_skip: bool = Field(False, description="add a linear (wide) path on the same inputs to the logit")
     cox_weight: float = Field(0.5, ge=0, description="weight of the auxiliary Cox partial likelihood")
+    cox_stratified: bool = Field(False, description="risk sets within the patient's cancer type only")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -86,8 +87,21 @@ def cox_partial_likelihood(risk: Any, time: Any, event: Any) -> Any:
 class OmicsTask:
     """:class:`oncofm.training.TrainTask` for the omics transformer."""
 
-    def __init__(self, cox_weight: float) -> None:
+    def __init__(self, cox_weight: float, stratified: bool = False) -> None:
         self.cox_weight = cox_weight
+        self.stratified = stratified
+
+    def _cox(self, logits: Any, batch: dict[str, Any]) -> Any:
+        if not self.stratified:
+            return cox_partial_likelihood(logits, batch["time"], batch["event"])
+        total, events = logits.sum() * 0.0, 0.0
+        for c in batch["cancer"].unique():
+            m = batch["cancer"] == c
+            n_ev = float(batch["event"][m].sum())
+            if n_ev > 0:
+                total = total + n_ev * cox_partial_likelihood(logits[m], batch["time"][m], batch["event"][m])
+                events += n_ev
+        return total / max(events, 1.0)
 
     def loss(self, model: Any, batch: dict[str, Any]) -> Any:
         import torch.nn.functional as F
@@ -99,7 +113,7 @@ class OmicsTask:
         bce = F.binary_cross_entropy_with_logits(logits[has], batch["label"][has]) if has.any() else logits.sum() * 0
         if self.cox_weight == 0:
             return bce
-        return bce + self.cox_weight * cox_partial_likelihood(logits, batch["time"], batch["event"])
+        return bce + self.cox_weight * self._cox(logits, batch)
 
     def evaluate(self, model: Any, loader: Any) -> dict[str, float]:
         import torch
@@ -304,7 +318,7 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
                                    monitor="val_score", mode="max", seed=settings.seed, device=settings.device,
                                    progress=settings.progress)
     accelerator = make_accelerator(train_settings)
-    result = fit(model, OmicsDataset(train, encoder), OmicsDataset(val, encoder), OmicsTask(settings.cox_weight),
+    result = fit(model, OmicsDataset(train, encoder), OmicsDataset(val, encoder), OmicsTask(settings.cox_weight, settings.cox_stratified),
                  train_settings, arts.training_dir, accelerator=accelerator)
     train_seconds = time.perf_counter() - t_start
     if not accelerator.is_main_process:  # DDP: rank 0 evaluates and writes
