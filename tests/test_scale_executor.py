@@ -44,3 +44,13 @@ def test_registry_and_bad_executor_name():
         make_executor(ExecutorSettings(executor="slurm"))
     with pytest.raises(OncoFMError, match="workers"):
         ExecutorSettings.build(workers=0)
+
+
+def _unpicklable(x: int):
+    return (lambda: x) if x == 1 else x  # a lambda cannot travel back from a worker process
+
+
+def test_result_that_cannot_be_returned_is_a_failure():
+    result = run_per_item(_unpicklable, [0, 1, 2], executor="local", workers=2, progress=False)
+    assert [o.status for o in result.outcomes] == ["ok", "failed", "ok"]
+    assert result.values[0] == 0 and result.values[2] == 2

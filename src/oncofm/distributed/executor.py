@@ -215,6 +215,8 @@ class LocalExecutor(Executor):
                             broken = True
                             running[fut] = i  # handled below with the others that were in flight
                             continue
+                        except Exception as exc:  # e.g. a return value that does not pickle
+                            status, value, reason, secs = "failed", None, _reason(exc), 0.0
                         yield i, ItemOutcome(items[i], status, value, reason, secs)
                 if broken:
                     pool.shutdown(wait=True, cancel_futures=True)
