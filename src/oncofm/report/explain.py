@@ -175,6 +175,9 @@ def infer(settings: ExplainSettings, workdir: Path, steps: InferenceSteps | None
         ex.fusion = run("run_fusion", steps.run_fusion, ex.evidence, ex.omics, ex.slide, layout, frac=0.7)
     else:
         ex.log.notes.append("no model could be applied to this patient: no prediction is made")
+    if ex.fusion is not None and ex.fusion.risk is None:
+        ex.log.notes.append("the fusion LLM's text has no parseable prediction line; the headline prediction "
+                            "comes from the unimodal models")
     ex.cohort = run("cohort_context", steps.cohort_context, patient, ex.omics, ex.slide, layout, frac=0.85)
     return ex
 
