@@ -143,3 +143,32 @@ def test_learns_planted_signal_and_attributions_find_it(tmp_path) -> None:
     mtime = arts.weights.stat().st_mtime_ns
     train_omics(settings)
     assert arts.weights.stat().st_mtime_ns == mtime
+
+
+def test_linear_anchor_reproduces_the_linear_model_and_token_dropout_is_train_only() -> None:
+    g, n_ct = 7, 3
+    model = OmicsTransformer(n_genes=g, n_cancer_types=n_ct, d_model=16, n_layers=1, n_heads=2, linear_skip=True,
+                             gene_dropout=0.5)
+    rng = np.random.default_rng(0)
+    w, wc, wa, b = rng.normal(size=2 * g), np.array([0.0, 0.7, -0.4]), np.array([0.3, -1.0]), 0.25
+    model.set_linear_anchor(w, wc, wa, b, freeze=True)
+    batch = _batch(5, g)
+    logits, _ = model.eval()(*model_inputs(batch))
+    x, c = batch["pairs"][..., 0].numpy(), batch["pairs"][..., 1].numpy()
+    age = batch["age"].numpy()
+    expected = (np.concatenate([x, x * c], 1) @ w + wc[batch["cancer"].numpy()] + np.nan_to_num(age) * wa[0]
+                + np.isnan(age) * wa[1] + b)
+    np.testing.assert_allclose(logits.detach().numpy(), expected, rtol=1e-5, atol=1e-5)  # head zeroed
+    assert not any(p.requires_grad for p in model.skip.parameters())
+    assert model.head.weight.requires_grad
+    # token dropout: stochastic in training, deterministic in eval
+    model.head.weight.data.normal_()
+    torch.manual_seed(0)
+    a, _ = model.train()(*model_inputs(batch))
+    b2, _ = model(*model_inputs(batch))
+    assert not torch.allclose(a, b2)
+    e1, _ = model.eval()(*model_inputs(batch))
+    e2, _ = model(*model_inputs(batch))
+    assert torch.equal(e1, e2)
+    with pytest.raises(ValueError, match="linear_skip"):
+        OmicsTransformer(n_genes=g, n_cancer_types=n_ct, d_model=16, n_heads=2).set_linear_anchor(w, wc, wa, b)

@@ -59,7 +59,7 @@ class OmicsTransformer(nn.Module):
 
     def __init__(self, *, n_genes: int, n_cancer_types: int, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 4, ffn_factor: float = 2.0, dropout: float = 0.1,
-                 attention_dropout: float = 0.1, linear_skip: bool = False) -> None:
+                 attention_dropout: float = 0.1, linear_skip: bool = False, gene_dropout: float = 0.0) -> None:
         super().__init__()
         if n_genes < 1:
             raise ValueError(f"need at least one gene token, got {n_genes=}")
@@ -71,11 +71,14 @@ class OmicsTransformer(nn.Module):
             raise ValueError(f"{n_layers=} must be >= 1")
         if not (0 <= dropout < 1 and 0 <= attention_dropout < 1):
             raise ValueError(f"dropouts must be in [0, 1), got {dropout=}, {attention_dropout=}")
+        if not 0 <= gene_dropout < 1:
+            raise ValueError(f"{gene_dropout=} must be in [0, 1)")
         if ffn_factor <= 0:
             raise ValueError(f"{ffn_factor=} must be > 0")
         self.config = {"n_genes": n_genes, "n_cancer_types": n_cancer_types, "d_model": d_model,
                        "n_layers": n_layers, "n_heads": n_heads, "ffn_factor": ffn_factor, "dropout": dropout,
-                       "attention_dropout": attention_dropout, "linear_skip": linear_skip}
+                       "attention_dropout": attention_dropout, "linear_skip": linear_skip,
+                       "gene_dropout": gene_dropout}
         self.genes = GeneTokenizer(n_genes=n_genes, d_model=d_model)
         self.cancer = nn.Embedding(n_cancer_types, d_model)
         self.sex = nn.Embedding(3, d_model)
@@ -118,6 +121,27 @@ class OmicsTransformer(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
+    def set_linear_anchor(self, genes: Any, cancer: Any, clinical: Any, bias: float, *,
+                          freeze: bool = True) -> None:
+        """Copy a fitted linear model into the wide path and zero the transformer head (residual learning).
+
+        ``genes`` (2G,) weights of ``[x, x·c]``, ``cancer`` (n_cancer_types,), ``clinical`` (2,) weights of
+        ``[age z, age missing]``, ``bias`` the intercept: the model then starts as exactly that linear model
+        and the encoder learns the residual. ``freeze`` keeps the anchor fixed during training.
+        """
+        if self.skip is None:
+            raise ValueError("set_linear_anchor needs a model built with linear_skip=True")
+        with torch.no_grad():
+            self.skip["genes"].weight.copy_(torch.as_tensor(genes, dtype=torch.float32).reshape(1, -1))
+            self.skip["genes"].bias.fill_(float(bias))
+            self.skip["cancer"].weight.copy_(torch.as_tensor(cancer, dtype=torch.float32).reshape(-1, 1))
+            self.skip["clinical"].weight.copy_(torch.as_tensor(clinical, dtype=torch.float32).reshape(1, -1))
+            self.skip["clinical"].bias.zero_()
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+        for p in self.skip.parameters():
+            p.requires_grad_(not freeze)
+
     def tokens(self, pairs: torch.Tensor, cancer: torch.Tensor, age: torch.Tensor,
                sex: torch.Tensor) -> torch.Tensor:
         """The input sequence (B, 4 + G, d)."""
@@ -133,7 +157,13 @@ class OmicsTransformer(nn.Module):
         """``(logits (B,), embedding (B, d))``."""
         if pairs.ndim != 3 or pairs.shape[1:] != (self.config["n_genes"], 2):
             raise ValueError(f"pairs must be (B, {self.config['n_genes']}, 2), got {tuple(pairs.shape)}")
-        h = self.encoder(self.tokens(pairs, cancer, age, sex))  # (B, 4 + G, d)
+        tokens = self.tokens(pairs, cancer, age, sex)  # (B, 4 + G, d)
+        mask = None
+        p_drop = float(self.config.get("gene_dropout", 0.0))
+        if self.training and p_drop > 0:  # token dropout: each gene token is hidden from attention
+            drop = torch.rand(pairs.shape[:2], device=pairs.device) < p_drop  # (B, G)
+            mask = torch.cat([torch.zeros(pairs.shape[0], 4, dtype=torch.bool, device=pairs.device), drop], 1)
+        h = self.encoder(tokens, src_key_padding_mask=mask)  # (B, 4 + G, d)
         embedding = self.norm(h[:, 0])  # (B, d) — the penultimate layer
         logits = self.head(embedding).squeeze(-1)  # (B,)
         if self.skip is not None:

@@ -52,6 +52,10 @@ class OmicsTrainSettings(StageSettings):
     dropout: float = Field(0.1, ge=0, lt=1)
     attention_dropout: float = Field(0.1, ge=0, lt=1)
     linear_skip: bool = Field(False, description="add a linear (wide) path on the same inputs to the logit")
+    gene_dropout: float = Field(0.0, ge=0, lt=1, description="token dropout: P(a gene token is hidden) in training")
+    anchor: str = Field("none", pattern="^(none|logistic)$", description="logistic: start the wide path at an "
+                        "L2 logistic regression (C chosen on validation), zero the head, learn the residual")
+    freeze_anchor: bool = Field(True, description="keep the anchored wide path fixed during training")
     cox_weight: float = Field(0.5, ge=0, description="weight of the auxiliary Cox partial likelihood")
     cox_stratified: bool = Field(False, description="risk sets within the patient's cancer type only")
     epochs: int = Field(20, ge=1)
@@ -311,8 +315,17 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     arch = {"n_genes": len(table.genes), "n_cancer_types": len(encoder.cancer_types), "d_model": settings.d_model,
             "n_layers": settings.n_layers, "n_heads": settings.n_heads, "ffn_factor": settings.ffn_factor,
             "dropout": settings.dropout, "attention_dropout": settings.attention_dropout,
-            "linear_skip": settings.linear_skip}
+            "linear_skip": settings.linear_skip or settings.anchor != "none", "gene_dropout": settings.gene_dropout}
     model = create_model(settings.model, **arch)
+    anchor_chosen = None
+    if settings.anchor == "logistic":
+        from oncofm.omics.baselines import anchor_logistic
+
+        a = anchor_logistic(train, val, encoder)
+        anchor_chosen = a.pop("chosen")
+        model.set_linear_anchor(**a, freeze=settings.freeze_anchor)
+        log.info("wide path anchored at an L2 logistic regression (%s, frozen=%s)", anchor_chosen,
+                 settings.freeze_anchor)
     train_settings = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                                    weight_decay=settings.weight_decay, patience=settings.patience,
                                    monitor="val_score", mode="max", seed=settings.seed, device=settings.device,
@@ -366,6 +379,8 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
               "clinical": encoder.to_dict(), "horizon_years": settings.horizon_years,
               "best_epoch": result.best_epoch, "source_run": str(Path(settings.run).resolve())}
     save_model(arts, model, config)
+    if anchor_chosen is not None:
+        chosen["anchor_logistic"] = anchor_chosen
     metrics = {"test": results, "comparison": rows, "baseline_hyperparameters": chosen, "val": val_results,
                "training": {"best_epoch": result.best_epoch, "best_val_score": result.best_metric,
                             "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
