@@ -73,3 +73,21 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     straight = fit(torch.nn.Linear(5, 1), _data(200, 0), _data(100, 1), _Task(), settings, tmp_path / "straight")
     for a, b in zip(resumed.history, straight.history, strict=True):
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+
+
+def test_checkpoints_hold_only_trainable_weights_of_a_partly_frozen_model(tmp_path):
+    torch.manual_seed(0)
+    frozen = torch.nn.Linear(5, 5)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    model = torch.nn.Sequential(frozen, torch.nn.Linear(5, 1))
+    before = frozen.weight.clone()
+    settings = TrainSettings(epochs=2, batch_size=32, lr=0.01, patience=5, progress=False)
+    fit(model, _data(100, 0), _data(50, 1), _Task(), settings, tmp_path)
+    blob = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert set(blob["model"]) == {"1.weight", "1.bias"}
+    assert set(torch.load(tmp_path / "best_model.pt", weights_only=True)) == {"1.weight", "1.bias"}
+    assert torch.equal(frozen.weight, before)
+    # resuming a finished run restores the trainable part and leaves the frozen part alone
+    again = fit(model, _data(100, 0), _data(50, 1), _Task(), settings, tmp_path)
+    assert again.epochs_run == 2

@@ -176,7 +176,7 @@ def fit(
     if settings.resume and (ckpt / STATE_FILE).exists():
         state = json.loads((ckpt / STATE_FILE).read_text())
         state["best_metric"] = float("nan") if state["best_metric"] is None else state["best_metric"]
-        accelerator.load_state(str(ckpt))
+        _load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         log.info("resuming from %s after epoch %d", ckpt, state["epoch"])
 
     t0 = time.perf_counter()
@@ -195,7 +195,8 @@ def fit(
         if val_loader is not None:
             model.eval()
             with torch.no_grad():
-                record.update({k: float(v) for k, v in task.evaluate(unwrapped, val_loader).items()})
+                metrics = task.evaluate(unwrapped, _OnDevice(val_loader, accelerator.device))
+                record.update({k: float(v) for k, v in metrics.items()})
         metric = record.get(settings.monitor, record["train_loss"] if settings.monitor == "train_loss" else None)
         if metric is None:
             raise OncoFMError(f"monitor metric '{settings.monitor}' is not among the validation metrics "
@@ -204,7 +205,7 @@ def fit(
         if improved:
             state.update(best_epoch=epoch + 1, best_metric=float(metric), bad_epochs=0)
             if accelerator.is_main_process:
-                _atomic_torch_save(unwrapped.state_dict(), out_dir / BEST_WEIGHTS)
+                _atomic_torch_save(trainable_state_dict(unwrapped), out_dir / BEST_WEIGHTS)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
@@ -213,7 +214,7 @@ def fit(
             log.info("epoch %d: %s%s", epoch + 1,
                      ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
                      "  *best*" if improved else "")
-            _save_checkpoint(accelerator, ckpt, state)
+            _save_checkpoint(ckpt, state, unwrapped, optimizer, scheduler)
             with open(out_dir / HISTORY_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         accelerator.wait_for_everyone()
@@ -221,7 +222,8 @@ def fit(
         stopped_early = True
     accelerator.wait_for_everyone()
     if (out_dir / BEST_WEIGHTS).exists():
-        unwrapped.load_state_dict(torch.load(out_dir / BEST_WEIGHTS, map_location="cpu", weights_only=True))
+        best = torch.load(out_dir / BEST_WEIGHTS, map_location=accelerator.device, weights_only=True)
+        unwrapped.load_state_dict(best, strict=_all_trainable(unwrapped))
     return FitResult(best_epoch=state["best_epoch"], best_metric=state["best_metric"],
                      epochs_run=state["epoch"] + 1, history=state["history"], stopped_early=stopped_early,
                      seconds=time.perf_counter() - t0)
@@ -233,7 +235,7 @@ def _train_epoch(model: Any, loader: Any, task: TrainTask, optimizer: Any, sched
     from oncofm.logging_utils import track
 
     model.train()
-    total_loss, n_batches = 0.0, 0
+    total_loss, n_batches = torch.zeros((), device=accelerator.device), 0
     for batch in track(loader, description, enabled=show):
         with accelerator.accumulate(model):
             loss = task.loss(model, batch)
@@ -246,12 +248,13 @@ def _train_epoch(model: Any, loader: Any, task: TrainTask, optimizer: Any, sched
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-        total_loss += float(loss.detach())
+        total_loss += loss.detach().float()  # summed on the device: no host sync per step
         n_batches += 1
     if accelerator.num_processes > 1:  # every process saw 1/N of each batch: average over all of them
-        sums = accelerator.reduce(torch.tensor([total_loss, float(n_batches)], device=accelerator.device), "sum")
-        total_loss, n_batches = float(sums[0]), int(sums[1])
-    return total_loss / max(1, n_batches)
+        sums = accelerator.reduce(torch.stack([total_loss, torch.tensor(float(n_batches), device=accelerator.device)]),
+                                  "sum")
+        return float(sums[0]) / max(1, int(sums[1]))
+    return float(total_loss) / max(1, n_batches)
 
 
 def _atomic_torch_save(obj: Any, target: Path) -> None:
@@ -260,19 +263,95 @@ def _atomic_torch_save(obj: Any, target: Path) -> None:
     tmp.replace(target)
 
 
-def _save_checkpoint(accelerator: Any, ckpt: Path, state: dict) -> None:
-    """Write the full training state to a temp folder, then swap it in (never a half-written checkpoint)."""
+class _OnDevice:
+    """Iterate a loader with every tensor of each batch moved to ``device`` (validation on the GPU too)."""
+
+    def __init__(self, loader: Any, device: Any) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):  # noqa: ANN204
+        from accelerate.utils import send_to_device
+
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+    def __getattr__(self, name: str) -> Any:  # dataset, batch_size, ... of the wrapped loader
+        return getattr(self.loader, name)
+
+
+def _all_trainable(model: torch.nn.Module) -> bool:
+    return all(p.requires_grad for p in model.parameters())
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state, or only its trainable parameters when part of it is frozen.
+
+    A frozen LLM under LoRA is hundreds of MB that never change: checkpoints keep the adapters, the
+    projector and buffers only.
+    """
+    state = model.state_dict()
+    if _all_trainable(model):
+        return state
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    out: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _save_checkpoint(ckpt: Path, state: dict, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Write the training state to a temp folder, then swap it in (never a half-written checkpoint).
+
+    Holds the trainable weights (see :func:`trainable_state_dict`), optimizer and scheduler state, the RNG
+    states of the main process and ``trainer_state.json`` (epoch, best metric, history).
+    """
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    accelerator.save_state(str(tmp))
+    tmp.mkdir(parents=True)
+    torch.save({"model": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
     write_json(state, tmp / STATE_FILE)
     old = ckpt.with_name(ckpt.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if ckpt.exists():
         ckpt.rename(old)
     tmp.rename(ckpt)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+    blob = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(blob["model"], strict=_all_trainable(model))
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob["rng"])
 
 
 def clear_checkpoint(out_dir: str | Path) -> None:
