@@ -22,6 +22,9 @@ def tile_cmd(
     max_ink: float = typer.Option(0.0, "--max-ink", help="Drop patches with more than this pen/ink fraction."),
     qc: bool = typer.Option(True, "--qc/--no-qc", help="Write <slide>_qc.png (thumbnail, tissue, grid)."),
     redo: bool = typer.Option(False, "--redo", help="Re-tile slides that already have an .h5."),
+    executor: str = typer.Option("local", "--executor", help="local (process pool) | ray (a Ray cluster)."),
+    address: str | None = typer.Option(None, "--address",
+                                       help="Ray cluster address (e.g. ray://head:10001); default: a local Ray."),
 ) -> None:
     """Tile slides into tissue patches at a target magnification.
 
@@ -41,7 +44,14 @@ def tile_cmd(
     settings = TilingSettings.build(source=str(source), out=str(out), target_mpp=mpp, patch_size=size,
                                     min_tissue=min_tissue, workers=workers, slide_mpp=slide_mpp,
                                     max_ink=max_ink, qc=qc, redo=redo)
-    results = tile_slides(settings)
+    if executor == "local" and address is None:
+        results = tile_slides(settings)
+    else:  # one task per slide on a cluster; same skip / lock / failures.csv behaviour
+        from oncofm.distributed.slides import tile_many
+        from oncofm.pathology.reader import find_slides
+
+        results = tile_many(find_slides(settings.source), settings.out, settings, executor=executor,
+                            workers=workers, address=address)
     for r in results:
         note = f"{r.n_patches} patches" if r.status == "done" else r.reason
         typer.echo(f"{r.status:8s} {Path(r.slide).name}  {note}")
