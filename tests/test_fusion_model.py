@@ -186,7 +186,7 @@ def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path)
     assert metrics["n_generated"] == 6
     gens = [line for line in (run / "models" / "fusion" / "generations.jsonl").read_text().splitlines() if line]
     assert len(gens) == 6
-    assert metrics["parse_rate"] >= 0.5, gens[:2]
+    assert metrics["parse_rate"] == 1.0, gens[:2]  # the prediction line is decoded under its grammar
     assert (run / "models" / "fusion" / "expert_rating.csv").exists()
     assert (run / "models" / "fusion" / "expert_rating.html").exists()
     # one new patient through the product entry point: concatenated embedding with NaN for the missing slide
@@ -214,3 +214,17 @@ def test_prediction_stop_criterion() -> None:
     assert stop.tolist() == [True, False]
     assert cut_after_prediction(done + " and more") == done
     assert parse_prediction(cut_after_prediction(done + "\nPrediction: death within 5 years (risk 0.9)")).risk == 0.21
+
+
+def test_prediction_start_stop_and_reasoning_part() -> None:
+    from oncofm.fusion.generate import PredictionStartStop, reasoning_part
+
+    class Tok:  # a character "tokenizer"
+        def decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> str:
+            return "".join(chr(int(i)) for i in ids)
+
+    started = "Risk genes PLK1.\nPrediction:"
+    ids = torch.tensor([[ord(c) for c in started], [ord(c) for c in "Risk genes PLK1.\nPredict".rjust(len(started))]])
+    assert PredictionStartStop(Tok(), window=60)(ids).tolist() == [True, False]
+    assert reasoning_part("Risk genes PLK1.\nPrediction: death") == "Risk genes PLK1."
+    assert reasoning_part("no line at all ") == "no line at all"

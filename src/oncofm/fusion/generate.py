@@ -1,12 +1,22 @@
-"""Generation with a proper stop: at EOS, or as soon as the prediction line is complete.
+"""Generation with a proper stop, and a grammar-constrained prediction line.
 
 Rows are left-padded so a batch generates together: ``[pad ...][soft_1..soft_k][prompt ...]``. Greedy
-decoding by default (deterministic explanations). The returned text is cut right after the first complete
-prediction line.
+decoding (deterministic explanations) writes the reasoning and stops at EOS, at ``max_new_tokens``, or as
+soon as the model starts its ``Prediction:`` line.
+
+The prediction line itself is then decoded under its grammar (``constrained=True``, the default): given
+the soft tokens, the prompt and the model's own reasoning, the LLM scores the two allowed continuations
+``death within 5 years`` and ``alive at 5 years`` (sum of token log-probabilities); the outcome is the
+likelier one and the risk written in the line is the LLM's own probability of the death continuation,
+``p = exp(l_death) / (exp(l_death) + exp(l_alive))``. So every explanation ends in a well-formed line whose
+number comes from the fine-tuned LLM, not from any other model. With ``constrained=False`` the line is
+free text, cut after the first complete prediction line (and may not parse).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import torch
@@ -14,7 +24,10 @@ import torch
 from oncofm.fusion.model import FusionItem, FusionLLM
 from oncofm.fusion.parse import PREDICTION_RE
 
-__all__ = ["generate_texts", "PredictionLineStop", "cut_after_prediction"]
+__all__ = ["generate_texts", "PredictionLineStop", "PredictionStartStop", "cut_after_prediction", "OUTCOMES"]
+
+OUTCOMES = ("death within 5 years", "alive at 5 years")
+_START_RE = re.compile(r"prediction\s*[:：]", re.IGNORECASE)
 
 
 class PredictionLineStop:
@@ -31,6 +44,51 @@ class PredictionLineStop:
         return done
 
 
+class PredictionStartStop(PredictionLineStop):
+    """Stop a row as soon as its text starts the prediction line (``Prediction:``)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i in range(input_ids.shape[0]):
+            text = self.tokenizer.decode(input_ids[i, -self.window:], skip_special_tokens=True)
+            done[i] = _START_RE.search(text) is not None
+        return done
+
+
+def reasoning_part(text: str) -> str:
+    """``text`` before its first ``Prediction:`` (the free-text reasoning)."""
+    m = _START_RE.search(text)
+    return (text[: m.start()] if m else text).strip()
+
+
+@torch.no_grad()
+def score_outcomes(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor) -> tuple[float, float]:
+    """Log-probabilities of the two outcome phrases after ``prefix`` (embeddings (n, H) ending in "Prediction:")."""
+    device = prefix.device
+    scores = []
+    for phrase in OUTCOMES:
+        ids = tokenizer(" " + phrase, add_special_tokens=False)["input_ids"]
+        cont = model.embed(torch.tensor([ids], device=device))[0].to(prefix.dtype)  # (m, H)
+        embeds = torch.cat([prefix, cont])[None]  # (1, n + m, H)
+        logits = model.llm(inputs_embeds=embeds).logits[0].float()  # (n + m, V)
+        logp = torch.log_softmax(logits[prefix.shape[0] - 1: -1], dim=-1)  # predictions for the m tokens
+        scores.append(float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum()))
+    return scores[0], scores[1]
+
+
+def constrained_prediction(model: FusionLLM, tokenizer: Any, context: torch.Tensor, reasoning: str) -> str:
+    """``reasoning`` + the prediction line decoded under its grammar (see the module docstring)."""
+    from oncofm.fusion.parse import format_prediction
+
+    suffix = (reasoning + "\n" if reasoning else "") + "Prediction:"
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    prefix = torch.cat([context, model.embed(torch.tensor([ids], device=context.device))[0].to(context.dtype)])
+    l_death, l_alive = score_outcomes(model, tokenizer, prefix)
+    p_death = 1.0 / (1.0 + math.exp(min(50.0, max(-50.0, l_alive - l_death))))
+    line = format_prediction(p_death >= 0.5, p_death)
+    return f"{reasoning}\n{line}" if reasoning else line
+
+
 def cut_after_prediction(text: str) -> str:
     """``text`` up to and including its first complete prediction line."""
     m = PREDICTION_RE.search(text)
@@ -39,15 +97,18 @@ def cut_after_prediction(text: str) -> str:
 
 @torch.no_grad()
 def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *, max_new_tokens: int = 200,
-                   batch_size: int = 8, progress: bool = True) -> list[str]:
-    """Greedy explanations for ``items`` (their prompts; targets ignored)."""
+                   batch_size: int = 8, progress: bool = True, constrained: bool = True) -> list[str]:
+    """Greedy explanations for ``items`` (their prompts; targets ignored).
+
+    ``constrained`` decodes the final prediction line under its grammar (module docstring).
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from oncofm.logging_utils import track
 
     class _Stop(StoppingCriteria):
         def __init__(self) -> None:
-            self.inner = PredictionLineStop(tokenizer)
+            self.inner = PredictionStartStop(tokenizer) if constrained else PredictionLineStop(tokenizer)
 
         def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
             return self.inner(input_ids, scores)
@@ -75,6 +136,10 @@ def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *,
         gen = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
                                  stopping_criteria=StoppingCriteriaList([_Stop()]))
-        for row in gen:
-            out.append(cut_after_prediction(tokenizer.decode(row, skip_special_tokens=True)))
+        for i, row in enumerate(gen):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            if constrained:
+                out.append(constrained_prediction(model, tokenizer, rows[i], reasoning_part(text)))
+            else:
+                out.append(cut_after_prediction(text))
     return out
