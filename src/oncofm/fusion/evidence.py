@@ -117,15 +117,17 @@ def _morphometric_findings(layout: RunLayout, slide_stem: str, att: pd.DataFrame
         return []
     with h5py.File(h5, "r") as fh:
         attrs = dict(fh.attrs)
-    slide = open_slide(str(attrs["slide_path"]))
+    # the tiler recorded the slide's level-0 mpp (it may come from --slide-mpp, not the file)
+    slide = open_slide(str(attrs["slide_path"]), mpp=float(attrs["slide_mpp"]))
     level, size = int(attrs["read_level"]), int(attrs["read_size"])
+    read_mpp = float(attrs["slide_mpp"]) * float(attrs["downsample"])  # µm/px of the pixels measured
     order = att.sort_values("attention", ascending=False)
     top = order.head(top_k)
     rng = np.random.default_rng(seed)
     rest = att.iloc[rng.choice(len(att), size=min(sample, len(att)), replace=False)]
 
     def morph(rows: pd.DataFrame) -> pd.DataFrame:
-        vals = [patch_morphometrics(slide.read_region((int(x), int(y)), level, (size, size)))
+        vals = [patch_morphometrics(slide.read_region((int(x), int(y)), level, (size, size)), mpp=read_mpp)
                 for x, y in zip(rows["x"], rows["y"], strict=True)]
         return pd.DataFrame(vals)
 
