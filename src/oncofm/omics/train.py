@@ -53,8 +53,9 @@ class OmicsTrainSettings(StageSettings):
     attention_dropout: float = Field(0.1, ge=0, lt=1)
     linear_skip: bool = Field(False, description="add a linear (wide) path on the same inputs to the logit")
     gene_dropout: float = Field(0.0, ge=0, lt=1, description="token dropout: P(a gene token is hidden) in training")
-    anchor: str = Field("none", pattern="^(none|logistic)$", description="logistic: start the wide path at an "
-                        "L2 logistic regression (C chosen on validation), zero the head, learn the residual")
+    anchor: str = Field("none", pattern="^(none|logistic|coxnet)$", description="start the wide path at an L2 "
+                        "logistic regression or a (Platt-scaled) Cox elastic net fitted on the training split "
+                        "(penalty chosen on validation), zero the head, learn the residual")
     freeze_anchor: bool = Field(True, description="keep the anchored wide path fixed during training")
     cox_weight: float = Field(0.5, ge=0, description="weight of the auxiliary Cox partial likelihood")
     cox_stratified: bool = Field(False, description="risk sets within the patient's cancer type only")
@@ -318,13 +319,13 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
             "linear_skip": settings.linear_skip or settings.anchor != "none", "gene_dropout": settings.gene_dropout}
     model = create_model(settings.model, **arch)
     anchor_chosen = None
-    if settings.anchor == "logistic":
-        from oncofm.omics.baselines import anchor_logistic
+    if settings.anchor != "none":
+        from oncofm.omics.baselines import anchor_linear
 
-        a = anchor_logistic(train, val, encoder)
+        a = anchor_linear(train, val, encoder, settings.anchor)
         anchor_chosen = a.pop("chosen")
         model.set_linear_anchor(**a, freeze=settings.freeze_anchor)
-        log.info("wide path anchored at an L2 logistic regression (%s, frozen=%s)", anchor_chosen,
+        log.info("wide path anchored at %s (frozen=%s)", anchor_chosen,
                  settings.freeze_anchor)
     train_settings = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                                    weight_decay=settings.weight_decay, patience=settings.patience,
@@ -380,7 +381,7 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
               "best_epoch": result.best_epoch, "source_run": str(Path(settings.run).resolve())}
     save_model(arts, model, config)
     if anchor_chosen is not None:
-        chosen["anchor_logistic"] = anchor_chosen
+        chosen["anchor"] = anchor_chosen
     metrics = {"test": results, "comparison": rows, "baseline_hyperparameters": chosen, "val": val_results,
                "training": {"best_epoch": result.best_epoch, "best_val_score": result.best_metric,
                             "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
