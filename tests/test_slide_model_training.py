@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+# Trains real (tiny) models through the shared loop: minutes on the loaded shared machine, so marked slow.
+pytestmark = pytest.mark.slow
+
 CELL, GRID = 32, 10  # 10 x 10 cells of 32 px at 0.5 µm/px; the outer ring is glass
 
 
@@ -138,7 +141,6 @@ def test_heatmaps_for_a_trained_run(planted_run) -> None:
     assert all(p.stat().st_size > 5000 for p in written)
 
 
-@pytest.mark.slow
 def test_end_to_end_mode_learns_the_planted_signal(planted_run, tmp_path) -> None:
     import shutil
 
