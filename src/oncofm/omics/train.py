@@ -9,6 +9,12 @@ The Cox partial likelihood (Breslow, within the batch, times administratively ce
 the same logit as its log-risk, so the ~55% of patients censored before 5 years — who have no binary label —
 still teach the ranking. ``cox_weight`` (default 0.5) weights it; 0 gives plain BCE.
 
+Anchor (default ``anchor="coxnet"``): before training, a Cox elastic net on the wide inputs (x and x·c of
+every gene, cancer type, age; penalty chosen on validation), Platt-scaled to a logit on the labelled
+training patients, is copied into the model's linear path and frozen, and the transformer head starts at
+zero — the model starts as that linear model and the encoder learns the residual (chosen on validation;
+docs/omics.md). ``anchor="none"`` trains the transformer alone.
+
 The validation split selects the epoch (early stopping on ``val_score`` = mean of validation AUC and
 C-index); the test split is predicted once, after training, for the metrics and the side-by-side table
 with the baselines (:mod:`oncofm.omics.baselines`).
@@ -42,7 +48,7 @@ class OmicsTrainSettings(StageSettings):
 
     run: str
     horizon_years: float = Field(5.0, gt=0)
-    max_genes: int | None = Field(16, ge=1, description="use the first N genes of features/genes.txt "
+    max_genes: int | None = Field(64, ge=1, description="use the first N genes of features/genes.txt "
                                   "(ranked by the features stage); None = all")
     model: str = "ft_transformer"
     d_model: int = Field(32, ge=8)
@@ -53,7 +59,7 @@ class OmicsTrainSettings(StageSettings):
     attention_dropout: float = Field(0.1, ge=0, lt=1)
     linear_skip: bool = Field(False, description="add a linear (wide) path on the same inputs to the logit")
     gene_dropout: float = Field(0.0, ge=0, lt=1, description="token dropout: P(a gene token is hidden) in training")
-    anchor: str = Field("none", pattern="^(none|logistic|coxnet)$", description="start the wide path at an L2 "
+    anchor: str = Field("coxnet", pattern="^(none|logistic|coxnet)$", description="start the wide path at an L2 "
                         "logistic regression or a (Platt-scaled) Cox elastic net fitted on the training split "
                         "(penalty chosen on validation), zero the head, learn the residual")
     freeze_anchor: bool = Field(True, description="keep the anchored wide path fixed during training")
