@@ -130,7 +130,7 @@ def grow_region(tissue: np.ndarray, frac: float, rng: np.random.Generator) -> np
 
 
 def make_slide(path: Path, sources: dict[str, Source], bg: list[str], planted: list[str], positive: bool,
-               rng: np.random.Generator, grid: int = 10) -> dict:
+               rng: np.random.Generator, grid: int = 8) -> dict:
     """Write one pyramidal TIFF; return its planted cell mask and provenance."""
     import tifffile
 
@@ -159,7 +159,7 @@ def make_slide(path: Path, sources: dict[str, Source], bg: list[str], planted: l
 
 
 def build_slides(out: Path, sources: dict[str, Source], split: dict[str, list[str]], n: dict[str, int],
-                 seed: int) -> list[dict]:
+                 seed: int, grid: int = 8) -> list[dict]:
     from oncofm.logging_utils import track
 
     rng = np.random.default_rng(seed)
@@ -172,7 +172,7 @@ def build_slides(out: Path, sources: dict[str, Source], split: dict[str, list[st
     for part, key, i in track(plan, "building slides"):
         path = out / "slides" / f"{part}_{i:03d}.tif"
         info = make_slide(path, sources, split[f"bg_{key}"], split[f"planted_{key}"], positive=i % 2 == 1,
-                          rng=rng)
+                          rng=rng, grid=grid)
         info.update(split=part, path=path)
         slides.append(info)
     np.savez_compressed(out / "slides" / "regions.npz", **{x["slide"]: x["region"] for x in slides})
@@ -216,7 +216,12 @@ def linear_probe(slides: list[dict], feats: dict) -> float:
 
 
 def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict, out: Path, epochs: int,
-               seed: int) -> dict:
+               seed: int, instance_weight: float = 0.0, n_seeds: int = 3, drop: float = 0.4) -> dict:
+    """Train ``n_seeds`` regularised models (instance dropout, hidden 32, weight decay, early stopping on the
+    validation AUC) and average their test predictions and attention (an ensemble; validation numbers are the
+    ensemble's too)."""
+    import shutil
+
     import torch
 
     from oncofm.pathology.mil import create_aggregator
@@ -230,21 +235,30 @@ def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict
     from oncofm.survival.metrics import auc_score, bootstrap_auc
     from oncofm.training import TrainSettings, fit
 
-    torch.manual_seed(seed)
     by = {s: [x for x in slides if x["split"] == s] for s in ("train", "val", "test")}
     ds = {s: FeatureBagDataset([feats[x["slide"]][0] for x in v], [x["label"] for x in v],
-                               sample=48 if s == "train" else None) for s, v in by.items()}  # 48 of ~65 per step
+                               drop=drop if s == "train" else 0.0) for s, v in by.items()}
     dim = ds["train"].bags[0].shape[1]
-    model = SlideClassifier(create_aggregator(agg_name, dim, hidden=64, dropout=0.5))
-    settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=1e-2, patience=10,
-                             monitor="val_loss", mode="min", seed=seed, device="cpu", progress=False, resume=False)
-    run_dir = out / "train" / f"{encoder_name}_{agg_name}"
-    if run_dir.exists():
-        import shutil
+    runs = []
+    for k in range(n_seeds):
+        torch.manual_seed(seed + k)
+        model = SlideClassifier(create_aggregator(agg_name, dim, hidden=32, dropout=0.25))
+        settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=5e-2, patience=8,
+                                 monitor="val_auc", mode="max", seed=seed + k, device="cpu", progress=False,
+                                 resume=False)
+        run_dir = out / "train" / f"{encoder_name}_{agg_name}_iw{instance_weight:g}_s{k}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        result = fit(model, ds["train"], ds["val"], SlideTask(instance_weight=instance_weight), settings, run_dir,
+                     collate_fn=collate_bags)
+        runs.append((result, predict_bags(model, ds["val"]), predict_bags(model, ds["test"])))
 
-        shutil.rmtree(run_dir)
-    result = fit(model, ds["train"], ds["val"], SlideTask(), settings, run_dir, collate_fn=collate_bags)
-    preds = predict_bags(model, ds["test"])
+    def ensemble(i: int) -> list[dict]:
+        return [{key: np.mean([r[i][j][key] for r in runs], axis=0) for key in ("prob", "attention", "patch_logits")}
+                for j in range(len(runs[0][i]))]
+
+    val_preds, preds = ensemble(1), ensemble(2)
+    val_auc = auc_score(np.array([x["label"] for x in by["val"]]), np.array([p["prob"] for p in val_preds]))
     y = np.array([x["label"] for x in by["test"]])
     prob = np.array([p["prob"] for p in preds])
     auc, lo, hi = bootstrap_auc(y, prob, n_boot=2000, seed=seed)
@@ -258,8 +272,10 @@ def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict
         top10.append(top_share(p["attention"], mask))
     return {"encoder": encoder_name, "aggregator": agg_name, "slide_auc": auc, "ci": (lo, hi),
             "loc_auc": float(np.nanmean(loc_auc)), "loc_auc_instance": float(np.nanmean(loc_inst)),
-            "top10": float(np.mean(top10)), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "model": model, "preds": preds, "seconds": result.seconds}
+            "top10": float(np.mean(top10)), "val_auc": val_auc, "instance_weight": instance_weight,
+            "best_epoch": "/".join(str(r[0].best_epoch) for r in runs),
+            "epochs_run": "/".join(str(r[0].epochs_run) for r in runs), "preds": preds,
+            "seconds": sum(r[0].seconds for r in runs)}
 
 
 def draw_example(slides: list[dict], feats: dict, res: dict, out: Path) -> Path:
@@ -285,10 +301,14 @@ def draw_example(slides: list[dict], feats: dict, res: dict, out: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "slide_mil")
-    ap.add_argument("--train", type=int, default=32)
-    ap.add_argument("--val", type=int, default=10)
-    ap.add_argument("--test", type=int, default=24)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--train", type=int, default=160)
+    ap.add_argument("--val", type=int, default=40)
+    ap.add_argument("--test", type=int, default=40)
+    ap.add_argument("--grid", type=int, default=8, help="slide side in cells (an ellipse of tissue inside)")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=3, help="models per configuration (ensembled)")
+    ap.add_argument("--instance-weights", default="0,0.5",
+                    help="instance-loss weights tried; the one with the best validation AUC is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--encoders", default="efficientnet-lite0,swin-cpu")
     ap.add_argument("--planted", choices=sorted(PLANTED), default="brain", help="tissue planted in positives")
@@ -309,7 +329,9 @@ def main() -> None:
     sources, manifest = load_sources()
     split = split_sources(sources, manifest, args.planted)
     assert not set(split["bg_train"] + split["planted_train"]) & set(split["bg_test"] + split["planted_test"])
-    slides = build_slides(out, sources, split, {"train": args.train, "val": args.val, "test": args.test}, args.seed)
+    slides = build_slides(out, sources, split, {"train": args.train, "val": args.val, "test": args.test}, args.seed,
+                          args.grid)
+    tag = f"g{args.grid}_s{args.seed}_n{args.train}-{args.val}-{args.test}_{args.planted}"  # slides are a function of these
     t_build = time.perf_counter() - t0
     tiling = TilingSettings(source=str(out / "slides"), out=str(out / "tiles"), target_mpp=MPP, patch_size=CELL,
                             min_tissue=0.5, slide_mpp=MPP, qc=False)
@@ -322,21 +344,27 @@ def main() -> None:
     probes = {}
     for enc_name in args.encoders.split(","):
         t1 = time.perf_counter()
-        # patches encoded at 64 px (0.75 µm/px; CPU budget). Swin: window 4 tiles its 16/8/4-token stages exactly
-        kw = {"input_size": 64} if enc_name == "efficientnet-lite0" else {"image_size": 64, "window_size": 4}
+        # EfficientNet at the cells' native 96 px (0.5 µm/px); the random-init Swin at 64 px (CPU budget;
+        # window 4 tiles its 16/8/4-token stages exactly)
+        kw = {"input_size": CELL} if enc_name == "efficientnet-lite0" else {"image_size": 64, "window_size": 4}
         torch.manual_seed(args.seed)
         encoder = create_encoder(enc_name, **kw).eval()
         feats = {}
         for x in track(slides, f"features {enc_name}"):
             h5 = extract_features(encoder, out / "tiles" / f"{x['slide']}.h5",
-                                  out / "features" / enc_name / f"{x['slide']}.h5", encoder_name=enc_name,
+                                  out / "features" / f"{enc_name}_{tag}" / f"{x['slide']}.h5", encoder_name=enc_name,
                                   slide_mpp=MPP)  # cached: reused when slides, tiles and encoder are the same
             feats[x["slide"]] = load_features(h5)
         feats = standardise(feats, [x["slide"] for x in slides if x["split"] == "train"])
         probes[enc_name] = linear_probe(slides, feats)
         timings[f"features {enc_name}"] = time.perf_counter() - t1
         for agg in ("gated-attention", "mean"):
-            res = run_config(enc_name, agg, slides, feats, out, args.epochs, args.seed)
+            tried = [run_config(enc_name, agg, slides, feats, out, args.epochs, args.seed, float(w), args.seeds)
+                     for w in args.instance_weights.split(",")]
+            for r in tried:
+                print(f"  (validation) {enc_name} + {agg} instance-loss weight {r['instance_weight']:g}: "
+                      f"val AUC {r['val_auc']:.3f}", flush=True)
+            res = max(tried, key=lambda r: r["val_auc"])  # chosen on validation slides; first wins ties
             results.append(res)
             if enc_name == "efficientnet-lite0" and agg == "gated-attention":
                 png = draw_example(slides, feats, res, out)
@@ -347,7 +375,8 @@ def main() -> None:
               for f in ("ru_utime", "ru_stime"))
 
     n_patches = sum(len(v[0]) for v in feats.values())
-    print(f"slides: {args.train} train / {args.val} val / {args.test} test (half positive), {n_patches} patches "
+    print(f"slides: {args.train} train / {args.val} val / {args.test} test (half positive), {args.grid}x{args.grid} "
+          f"cells, {n_patches} patches "
           f"of {CELL}px at {MPP} µm/px; sources train={len(split['bg_train'])}+{len(split['planted_train'])} "
           f"test={len(split['bg_test'])}+{len(split['planted_test'])} (disjoint)")
     print(f"planted (train): {', '.join(split['planted_train'])}; planted (test): {', '.join(split['planted_test'])}")
@@ -355,7 +384,8 @@ def main() -> None:
         print(f"{r['encoder']:>18} + {r['aggregator']:<15} slide AUC {r['slide_auc']:.3f} "
               f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  loc AUC(attention) {r['loc_auc']:.3f}  "
               f"loc AUC(instance score) {r['loc_auc_instance']:.3f}  top-10 in region {r['top10']:.2f}  "
-              f"(best epoch {r['best_epoch']}/{r['epochs_run']}, {r['seconds']:.0f}s)")
+              f"(val AUC {r['val_auc']:.3f}, instance loss {r['instance_weight']:g}, {args.seeds} seeds, "
+              f"best epochs {r['best_epoch']} of {r['epochs_run']}, {r['seconds']:.0f}s)")
     best = [r for r in results if r["aggregator"] == "gated-attention"]
     mean = {r["encoder"]: r for r in results if r["aggregator"] == "mean"}
     for enc, auc in probes.items():
@@ -370,7 +400,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"); target ≤ 1200 s: "
           f"{'met' if total <= 1200 else 'NOT met'}; CPU time {cpu:.0f}s = {cpu / 2:.0f}s on 2 free cores")
     print(f"heatmap: {png}")
-    summary = [{k: v for k, v in r.items() if k not in ("model", "preds")} for r in results]
+    summary = [{k: v for k, v in r.items() if k != "preds"} for r in results]
     (out / "results.json").write_text(json.dumps({"results": summary, "split": split, "seconds": total},
                                                  indent=2, default=str))
 

@@ -72,14 +72,19 @@ class SlideClassifier(nn.Module):
 # data
 class FeatureBagDataset(torch.utils.data.Dataset):
     """Bags of cached features. ``bags[i]``: (N_i, D) array; ``sample``: draw this many patches per call
-    (random subset, for training) instead of the whole bag."""
+    (random subset, for training) instead of the whole bag; ``drop``: instance dropout — each call keeps a
+    random ``1 - drop`` share of the (sampled) patches, at least one (training only)."""
 
-    def __init__(self, bags: Sequence[np.ndarray], labels: Sequence[float], sample: int | None = None) -> None:
+    def __init__(self, bags: Sequence[np.ndarray], labels: Sequence[float], sample: int | None = None,
+                 drop: float = 0.0) -> None:
         if len(bags) != len(labels):
             raise ValueError(f"{len(bags)=} differs from {len(labels)=}")
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"instance dropout must be in [0, 1), got {drop}")
         self.bags = [torch.as_tensor(np.asarray(b, dtype=np.float32)) for b in bags]
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
         self.sample = sample
+        self.drop = float(drop)
 
     def __len__(self) -> int:
         return len(self.bags)
@@ -88,6 +93,9 @@ class FeatureBagDataset(torch.utils.data.Dataset):
         x = self.bags[i]
         if self.sample and len(x) > self.sample:
             x = x[torch.randperm(len(x))[: self.sample]]
+        if self.drop > 0 and len(x) > 1:
+            keep = max(1, int(round(len(x) * (1.0 - self.drop))))
+            x = x[torch.randperm(len(x))[:keep]]
         return {"x": x, "y": self.labels[i], "index": i}
 
 
@@ -137,10 +145,31 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------------
 # the task for the shared training loop
 class SlideTask:
-    """Binary cross-entropy on the slide label; validation: ``val_loss`` and ``val_auc``."""
+    """Binary cross-entropy on the slide label; validation: ``val_loss`` and ``val_auc``.
 
-    def __init__(self, pos_weight: float | None = None) -> None:
+    ``instance_weight`` > 0 adds an instance-level loss (mi-Net / CLAM-style pseudo-labels, valid under the
+    MIL assumption): every patch of a negative slide is a negative instance; the ``instance_k`` highest-scoring
+    patches of a positive slide are pseudo-labelled positive. It trains the per-patch score
+    (``patch_logits``) directly, which the slide logit of both aggregators is a weighted mean of.
+    """
+
+    def __init__(self, pos_weight: float | None = None, instance_weight: float = 0.0, instance_k: int = 2) -> None:
         self.pos_weight = pos_weight
+        self.instance_weight = float(instance_weight)
+        self.instance_k = int(instance_k)
+
+    def _instance_loss(self, patch_logits: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``patch_logits``, ``mask``: (B, N); ``y``: (B,)."""
+        bce = nn.functional.binary_cross_entropy_with_logits
+        losses = []
+        for b in range(len(y)):
+            s = patch_logits[b][mask[b]]  # (n_b,)
+            if float(y[b]) > 0.5:
+                top = s.topk(min(self.instance_k, len(s))).values
+                losses.append(bce(top, torch.ones_like(top)))
+            else:
+                losses.append(bce(s, torch.zeros_like(s)))
+        return torch.stack(losses).mean()
 
     def _loss(self, logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logit.device)
@@ -148,7 +177,10 @@ class SlideTask:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(batch["x"], batch["mask"])
-        return self._loss(out.logit, batch["y"])
+        loss = self._loss(out.logit, batch["y"])
+        if self.instance_weight > 0:
+            loss = loss + self.instance_weight * self._instance_loss(out.patch_logits, batch["mask"], batch["y"])
+        return loss
 
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader) -> dict[str, float]:
         from oncofm.survival.metrics import auc_score

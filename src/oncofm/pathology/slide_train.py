@@ -53,6 +53,10 @@ class SlideTrainSettings(StageSettings):
                                 "encoder too on bags of --bag-size sampled patches")
     bag_size: int = Field(16, ge=1, description="patches sampled per slide per step (end-to-end)")
     max_patches: int = Field(512, ge=1, description="patches sampled per slide per step (features mode)")
+    instance_drop: float = Field(0.0, ge=0, lt=1, description="instance dropout (features mode): share of a "
+                                 "bag's patches dropped at random per training step, e.g. 0.4")
+    instance_weight: float = Field(0.0, ge=0, description="weight of the instance-level pseudo-label loss (all "
+                                   "patches of negative slides negative, top patches of positive slides positive)")
     hidden: int = Field(128, ge=4)
     dropout: float = Field(0.25, ge=0, lt=1)
     feature_batch: int = Field(64, ge=1)
@@ -167,7 +171,8 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
                                    settings.slide_mpp)
         val_ds = (PatchBagDataset(val_rows["tiles"].tolist(), val_rows["label"].tolist(), settings.bag_size,
                                   settings.slide_mpp) if len(val_rows) else None)
-        fit(model, train_ds, val_ds, SlideTask(), train_settings, out / "training", collate_fn=collate_bags)
+        fit(model, train_ds, val_ds, SlideTask(instance_weight=settings.instance_weight), train_settings,
+            out / "training", collate_fn=collate_bags)
         encoder = model.encoder
         feat_dir = out / "features" / f"{settings.encoder}-finetuned"
     from oncofm.logging_utils import track
@@ -179,12 +184,14 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
                               redo=settings.redo or settings.mode == "end-to-end")
         feats[row.stem] = load_features(h5)
 
-    def bags(rows: pd.DataFrame, sample: int | None) -> FeatureBagDataset:
-        return FeatureBagDataset([feats[s][0] for s in rows["stem"]], rows["label"].fillna(0).tolist(), sample)
+    def bags(rows: pd.DataFrame, sample: int | None, drop: float = 0.0) -> FeatureBagDataset:
+        return FeatureBagDataset([feats[s][0] for s in rows["stem"]], rows["label"].fillna(0).tolist(), sample,
+                                 drop=drop)
 
     if settings.mode == "features":
-        fit(model, bags(train_rows, settings.max_patches), bags(val_rows, None) if len(val_rows) else None,
-            SlideTask(), train_settings, out / "training", collate_fn=collate_bags)
+        fit(model, bags(train_rows, settings.max_patches, settings.instance_drop),
+            bags(val_rows, None) if len(val_rows) else None, SlideTask(instance_weight=settings.instance_weight),
+            train_settings, out / "training", collate_fn=collate_bags)
     model.encoder = None  # aggregator + head over the cached features of every patch
     preds = predict_bags(model, bags(table, None))
     model.encoder = encoder  # saved with the model, so heatmaps and new slides use the same features
