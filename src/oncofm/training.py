@@ -222,7 +222,7 @@ def fit(
         stopped_early = True
     accelerator.wait_for_everyone()
     if (out_dir / BEST_WEIGHTS).exists():
-        best = torch.load(out_dir / BEST_WEIGHTS, map_location=accelerator.device, weights_only=True)
+        best = torch.load(out_dir / BEST_WEIGHTS, map_location="cpu", weights_only=True)  # copied onto the device
         unwrapped.load_state_dict(best, strict=_all_trainable(unwrapped))
     return FitResult(best_epoch=state["best_epoch"], best_metric=state["best_metric"],
                      epochs_run=state["epoch"] + 1, history=state["history"], stopped_early=stopped_early,
