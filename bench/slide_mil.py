@@ -216,7 +216,8 @@ def linear_probe(slides: list[dict], feats: dict) -> float:
 
 
 def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict, out: Path, epochs: int,
-               seed: int, instance_weight: float = 0.0, n_seeds: int = 3, drop: float = 0.4) -> dict:
+               seed: int, instance_weight: float = 0.0, n_seeds: int = 3, drop: float = 0.4, hidden: int = 32,
+               weight_decay: float = 5e-2, instance_k: int = 1) -> dict:
     """Train ``n_seeds`` regularised models (instance dropout, hidden 32, weight decay, early stopping on the
     validation AUC) and average their test predictions and attention (an ensemble; validation numbers are the
     ensemble's too)."""
@@ -242,14 +243,14 @@ def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict
     runs = []
     for k in range(n_seeds):
         torch.manual_seed(seed + k)
-        model = SlideClassifier(create_aggregator(agg_name, dim, hidden=32, dropout=0.25))
-        settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=5e-2, patience=8,
+        model = SlideClassifier(create_aggregator(agg_name, dim, hidden=hidden, dropout=0.25))
+        settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=weight_decay, patience=8,
                                  monitor="val_auc", mode="max", seed=seed + k, device="cpu", progress=False,
                                  resume=False)
         run_dir = out / "train" / f"{encoder_name}_{agg_name}_iw{instance_weight:g}_s{k}"
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        result = fit(model, ds["train"], ds["val"], SlideTask(instance_weight=instance_weight), settings, run_dir,
+        result = fit(model, ds["train"], ds["val"], SlideTask(instance_weight=instance_weight, instance_k=instance_k), settings, run_dir,
                      collate_fn=collate_bags)
         runs.append((result, predict_bags(model, ds["val"]), predict_bags(model, ds["test"])))
 
@@ -306,8 +307,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--grid", type=int, default=8, help="slide side in cells (an ellipse of tissue inside)")
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--seeds", type=int, default=3, help="models per configuration (ensembled)")
-    ap.add_argument("--instance-weights", default="0,0.5",
+    ap.add_argument("--seeds", type=int, default=1, help="models per configuration (ensembled)")
+    ap.add_argument("--instance-weights", default="1",
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--encoders", default="efficientnet-lite0,swin-cpu")
