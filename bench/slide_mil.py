@@ -9,7 +9,7 @@ The label is slide-level only. Source images used for training/validation slides
 disjoint (listed in the output).
 
 The slides then go through the real pipeline: ``tile_slide`` (tiles h5) → ``extract_features`` (frozen
-encoder, cached once) → ``SlideClassifier`` trained with the shared loop ``oncofm.training.fit`` (val split
+encoder, cached once) → ``SlideClassifier`` trained with the shared loop ``oncofm.training.fit`` (validation
 slides: early stopping on their AUC; instance dropout and an instance-level pseudo-label loss, see
 docs/slide_model.md) → test slides: slide AUC (bootstrap 95 % CI), localisation AUC of the attention against
 the planted mask (mean over positive test slides), share of the 10 most attended patches inside the region.
