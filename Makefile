@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# torch's OpenMP threads wait passively: spinning makes it 10-30x slower on a CPU shared with other work
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test setup browser lint bench clean-runs
 
