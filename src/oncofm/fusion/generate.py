@@ -4,18 +4,22 @@ Rows are left-padded so a batch generates together: ``[pad ...][soft_1..soft_k][
 decoding (deterministic explanations) writes the reasoning and stops at EOS, at ``max_new_tokens``, or as
 soon as the model starts its ``Prediction:`` line.
 
-The prediction line itself is then decoded under its grammar (``constrained=True``, the default): given
-the soft tokens, the prompt and the model's own reasoning, the LLM scores the two allowed continuations
-``death within 5 years`` and ``alive at 5 years`` (sum of token log-probabilities); the outcome is the
-likelier one and the risk written in the line is the LLM's own probability of the death continuation,
-``p = exp(l_death) / (exp(l_death) + exp(l_alive))``. So every explanation ends in a well-formed line whose
-number comes from the fine-tuned LLM, not from any other model. With ``constrained=False`` the line is
-free text, cut after the first complete prediction line (and may not parse).
+The prediction line itself is then decoded under its grammar (``constrained=True``, the default), by the
+fine-tuned LLM alone, given the soft tokens, the prompt and its own reasoning:
+
+1. the outcome words: the LLM scores the two allowed continuations ``death within 5 years`` and
+   ``alive at 5 years`` (sum of token log-probabilities) and the likelier one is written;
+2. the risk number: after ``(risk 0.`` the LLM's distribution over the ten digit tokens gives the first
+   decimal, and (after its most likely first digit) the second; the risk written is their expectation,
+   ``sum_d p(d) d / 10 + sum_e p(e | d*) e / 100`` — the number the model would write, without the
+   rounding that greedy decoding would impose on it.
+
+So every explanation ends in a well-formed line whose words and number come from the fine-tuned LLM. With
+``constrained=False`` the line is free text, cut after the first complete prediction line (and may not parse).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -76,16 +80,34 @@ def score_outcomes(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor) -> tu
     return scores[0], scores[1]
 
 
+def _append(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.cat([prefix, model.embed(torch.tensor([ids], device=prefix.device))[0].to(prefix.dtype)])
+
+
+@torch.no_grad()
+def expected_risk(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor) -> float:
+    """The risk the LLM writes after ``prefix`` (embeddings ending in ``(risk 0.``): expected two decimals."""
+    digits = [tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)]
+    values = torch.arange(10, dtype=torch.float32)
+    logits = model.llm(inputs_embeds=prefix[None]).logits[0, -1].float()
+    p1 = torch.softmax(logits[digits], dim=0)
+    first = int(p1.argmax())
+    second = _append(model, tokenizer, prefix, str(first))
+    p2 = torch.softmax(model.llm(inputs_embeds=second[None]).logits[0, -1].float()[digits], dim=0)
+    return float((p1 * values).sum() / 10 + (p2 * values).sum() / 100)
+
+
 def constrained_prediction(model: FusionLLM, tokenizer: Any, context: torch.Tensor, reasoning: str) -> str:
     """``reasoning`` + the prediction line decoded under its grammar (see the module docstring)."""
     from oncofm.fusion.parse import format_prediction
 
-    suffix = (reasoning + "\n" if reasoning else "") + "Prediction:"
-    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-    prefix = torch.cat([context, model.embed(torch.tensor([ids], device=context.device))[0].to(context.dtype)])
+    prefix = _append(model, tokenizer, context, (reasoning + "\n" if reasoning else "") + "Prediction:")
     l_death, l_alive = score_outcomes(model, tokenizer, prefix)
-    p_death = 1.0 / (1.0 + math.exp(min(50.0, max(-50.0, l_alive - l_death))))
-    line = format_prediction(p_death >= 0.5, p_death)
+    death = l_death >= l_alive
+    words = OUTCOMES[0] if death else OUTCOMES[1]
+    risk = expected_risk(model, tokenizer, _append(model, tokenizer, prefix, f" {words} (risk 0."))
+    line = format_prediction(death, risk)
     return f"{reasoning}\n{line}" if reasoning else line
 
 
