@@ -12,7 +12,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
     def train_omics_cmd(
         run: Path = typer.Option(..., "--run", "-r", help="Run directory with cohort/, cox/ and features/."),
         config: Path | None = typer.Option(None, help="YAML with any OmicsTrainSettings (options below win)."),
-        max_genes: int | None = typer.Option(None, help="Gene tokens: the first N of features/genes.txt [16]."),
+        max_genes: int | None = typer.Option(None, help="Gene tokens: the first N of features/genes.txt [64]."),
         d_model: int | None = typer.Option(None, help="Token width [32]."),
         n_layers: int | None = typer.Option(None, help="Transformer layers [2]."),
         n_heads: int | None = typer.Option(None, help="Attention heads [4]."),
@@ -22,6 +22,8 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
                                                    help="Cox risk sets within cancer type (default: pooled)."),
         linear_skip: bool | None = typer.Option(None, "--linear-skip/--no-linear-skip",
                                                 help="Add a linear (wide) path to the logit (default: off)."),
+        anchor: str | None = typer.Option(None, help="Frozen linear anchor the transformer learns the residual of: "
+                                          "coxnet | logistic | none [coxnet]."),
         epochs: int | None = typer.Option(None, help="Maximum epochs [20]."),
         patience: int | None = typer.Option(None, help="Early-stopping patience on the validation score [5]."),
         lr: float | None = typer.Option(None, help="Learning rate [1e-3]."),
@@ -43,7 +45,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         """
         from oncofm.omics.train import OmicsTrainSettings, train_omics
 
-        values = dict(run=str(run), max_genes=max_genes, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+        values = dict(run=str(run), max_genes=max_genes, anchor=anchor, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                       dropout=dropout, cox_weight=cox_weight, cox_stratified=cox_stratified, linear_skip=linear_skip, epochs=epochs, patience=patience, lr=lr,
                       batch_size=batch_size, seed=seed, ig_steps=ig_steps, n_boot=n_boot, threads=threads,
                       progress=False if no_progress else None, redo=redo or None,
