@@ -37,6 +37,8 @@ _START_RE = re.compile(r"prediction\s*[:：]", re.IGNORECASE)
 class PredictionLineStop:
     """A ``transformers`` stopping criterion: a row is done once its text holds a complete prediction line."""
 
+    pattern: re.Pattern = PREDICTION_RE
+
     def __init__(self, tokenizer: Any, window: int = 48) -> None:
         self.tokenizer, self.window = tokenizer, window
 
@@ -44,19 +46,14 @@ class PredictionLineStop:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i in range(input_ids.shape[0]):
             text = self.tokenizer.decode(input_ids[i, -self.window:], skip_special_tokens=True)
-            done[i] = PREDICTION_RE.search(text) is not None
+            done[i] = self.pattern.search(text) is not None
         return done
 
 
 class PredictionStartStop(PredictionLineStop):
     """Stop a row as soon as its text starts the prediction line (``Prediction:``)."""
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i in range(input_ids.shape[0]):
-            text = self.tokenizer.decode(input_ids[i, -self.window:], skip_special_tokens=True)
-            done[i] = _START_RE.search(text) is not None
-        return done
+    pattern = _START_RE
 
 
 def reasoning_part(text: str) -> str:
