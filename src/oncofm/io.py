@@ -51,6 +51,16 @@ def write_json(obj: Any, target: str | Path) -> Path:
     return Path(target)
 
 
+def save_figure(fig: Any, target: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it (frees its memory)."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+    plt.close(fig)
+    return Path(target)
+
+
 def write_text(text: str, target: str | Path) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text)

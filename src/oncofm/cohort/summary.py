@@ -18,7 +18,7 @@ from rich.table import Table
 
 from oncofm.cohort.importing import load_matrix, load_patients
 from oncofm.cohort.schema import Col, five_year_labels, soft_problems
-from oncofm.io import atomic_path, write_json, write_parquet
+from oncofm.io import atomic_path, save_figure, write_json, write_parquet
 from oncofm.paths import RunLayout
 from oncofm.survival.endpoints import DAYS_PER_YEAR
 
@@ -82,9 +82,7 @@ def plot_km_grid(patients: pd.DataFrame, path: str | Path, years: float = 5.0) -
         row[0].set_ylabel("overall survival", fontsize=8)
     fig.suptitle("Kaplan–Meier overall survival by cancer type", fontsize=11)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return Path(path)
 
 

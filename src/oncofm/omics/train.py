@@ -236,7 +236,7 @@ def save_plots(arts: OmicsArtifacts, label: np.ndarray, probs: dict[str, np.ndar
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import roc_curve
 
-    from oncofm.io import atomic_path
+    from oncofm.io import save_figure
 
     has = ~np.isnan(label)
     y = label[has].astype(int)
@@ -247,18 +247,14 @@ def save_plots(arts: OmicsArtifacts, label: np.ndarray, probs: dict[str, np.ndar
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="5-year death, test split")
     ax.legend(loc="lower right", fontsize=8)
-    with atomic_path(arts.roc_png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    save_figure(fig, arts.roc_png, dpi=120, bbox_inches="tight")
     fig, ax = plt.subplots(figsize=(5, 5))
     frac, mean = calibration_curve(y, probs[MODEL_LABEL][has], n_bins=10, strategy="quantile")
     ax.plot(mean, frac, "o-", label=MODEL_LABEL)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="predicted P(death within 5 years)", ylabel="observed fraction", title="Calibration, test")
     ax.legend(loc="upper left", fontsize=8)
-    with atomic_path(arts.calibration_png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    save_figure(fig, arts.calibration_png, dpi=120, bbox_inches="tight")
 
 
 def save_model(arts: OmicsArtifacts, model: Any, config: dict[str, Any]) -> None:

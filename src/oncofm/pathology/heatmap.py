@@ -131,7 +131,7 @@ def draw_heatmap(slide: Any, coords: np.ndarray, scores: np.ndarray, patch_level
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from oncofm.io import atomic_path
+    from oncofm.io import save_figure
 
     settings = settings or HeatmapSettings()
     if len(coords) == 0:
@@ -156,9 +156,7 @@ def draw_heatmap(slide: Any, coords: np.ndarray, scores: np.ndarray, patch_level
     bar.set_label(f"{label} (percentile {settings.low_percentile:g}–{settings.high_percentile:g}, scaled)")
     if title:
         fig.suptitle(title)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=100, bbox_inches="tight")
     return Path(out_png)
 
 
@@ -172,7 +170,7 @@ def patch_gallery(patches: np.ndarray, scores: np.ndarray, out_png: str | Path, 
     import matplotlib.pyplot as plt
     import torch
 
-    from oncofm.io import atomic_path
+    from oncofm.io import save_figure
 
     k = len(patches)
     if k == 0:
@@ -199,9 +197,7 @@ def patch_gallery(patches: np.ndarray, scores: np.ndarray, out_png: str | Path, 
             axes[1, i].set_title("Swin attention", fontsize=8)
             axes[1, i].axis("off")
     fig.suptitle(title)
-    with atomic_path(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=100, bbox_inches="tight")
     return Path(out_png)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oncofm.io import atomic_path
+from oncofm.io import save_figure
 
 __all__ = ["plot_heatmap", "plot_volcano", "plot_volcanoes", "top_genes"]
 
@@ -49,9 +49,7 @@ def plot_volcano(part: pd.DataFrame, path: str | Path, title: str, q_max: float 
     ax.legend(fontsize=7, loc="upper left", frameon=False)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -113,7 +111,5 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, n_genes: int = 40) -> Pa
     fig.colorbar(im, ax=ax, shrink=0.5)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return path
