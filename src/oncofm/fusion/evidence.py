@@ -140,6 +140,18 @@ def _morphometric_findings(layout: RunLayout, slide_stem: str, att: pd.DataFrame
     return findings
 
 
+def gene_facts(x: dict) -> list[str]:
+    """The facts of one gene in an evidence record, as text: z-score, Cox sign, FDR q (those present)."""
+    facts = []
+    if x.get("z") is not None:
+        facts.append(f"z {x['z']:+.1f}")
+    if x.get("cox"):
+        facts.append(f"Cox {x['cox']}")
+    if x.get("q") is not None:
+        facts.append(f"q {x['q']:.2g}")
+    return facts
+
+
 def evidence_prompt(ev: dict) -> str:
     """The evidence record as the compact text the LLM reads in its prompt."""
     lines = [f"Cancer type: {ev['cancer_type']}"]
@@ -149,14 +161,7 @@ def evidence_prompt(ev: dict) -> str:
         lines.append(f"Omics model probability: {ev['omics_prob']:.2f}")
 
     def g(x: dict) -> str:
-        parts = [x["gene"]]
-        if x.get("z") is not None:
-            parts.append(f"z {x['z']:+.1f}")
-        if x.get("cox"):
-            parts.append(f"Cox {x['cox']}")
-        if x.get("q") is not None:
-            parts.append(f"q {x['q']:.2g}")
-        return " ".join(parts)
+        return " ".join([x["gene"], *gene_facts(x)])
 
     if ev.get("risk_genes"):
         lines.append("Risk genes: " + "; ".join(g(x) for x in ev["risk_genes"]))

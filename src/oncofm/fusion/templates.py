@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+from oncofm.fusion.evidence import gene_facts
 from oncofm.fusion.parse import format_prediction
 
 __all__ = ["render_target", "RISK_WORDS", "PROTECTIVE_WORDS"]
@@ -68,13 +69,7 @@ _CLOSE_ALIVE = (
 
 
 def _gene(x: dict) -> str:
-    bits = []
-    if x.get("z") is not None:
-        bits.append(f"z {x['z']:+.1f}")
-    if x.get("cox"):
-        bits.append(f"Cox {x['cox']}")
-    if x.get("q") is not None:
-        bits.append(f"q {x['q']:.2g}")
+    bits = gene_facts(x)
     return f"{x['gene']} ({', '.join(bits)})" if bits else x["gene"]
 
 
