@@ -153,7 +153,10 @@ def test_linear_anchor_reproduces_the_linear_model_and_token_dropout_is_train_on
     w, wc, wa, b = rng.normal(size=2 * g), np.array([0.0, 0.7, -0.4]), np.array([0.3, -1.0]), 0.25
     model.set_linear_anchor(w, wc, wa, b, freeze=True)
     batch = _batch(5, g)
-    logits, _ = model.eval()(*model_inputs(batch))
+    logits, emb = model.eval()(*model_inputs(batch))
+    # the embedding carries the wide logit as its last column, so the model's logit is linear in it
+    assert emb.shape == (5, 17)
+    torch.testing.assert_close(emb[:, -1], logits)  # head zeroed: the logit is the wide logit
     x, c = batch["pairs"][..., 0].numpy(), batch["pairs"][..., 1].numpy()
     age = batch["age"].numpy()
     expected = (np.concatenate([x, x * c], 1) @ w + wc[batch["cancer"].numpy()] + np.nan_to_num(age) * wa[0]

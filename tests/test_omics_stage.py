@@ -62,7 +62,7 @@ def test_train_stage_writes_the_contract(trained_slice) -> None:  # noqa: ANN001
     attr = pd.read_parquet(arts.attributions)
     assert list(attr.columns) == ["patient_id", "gene", "attribution"] and len(attr) == n * 16
     emb = pd.read_parquet(arts.embeddings)
-    assert emb.index.name == "patient_id" and emb.shape == (n, 16)
+    assert emb.index.name == "patient_id" and emb.shape == (n, 16 + 1)  # CLS state + the anchor's logit
     assert (run / "settings" / "train_omics.yaml").exists()
 
 
@@ -89,7 +89,7 @@ def test_cli_train_skips_finished_and_predict_patient_matches(trained_slice) -> 
                           age=patients.loc[pid, "age"], sex=patients.loc[pid, "sex"], ig_steps=8)
     stage_prob = pd.read_parquet(OmicsArtifacts.of(run).predictions).set_index("patient_id").loc[pid, "prob"]
     assert out.prob == pytest.approx(stage_prob, abs=1e-5)
-    assert out.coverage == 1.0 and len(out.attributions) == 16 and out.embedding.shape == (16,)
+    assert out.coverage == 1.0 and len(out.attributions) == 16 and out.embedding.shape == (17,)
     assert out.top_genes(3).abs().is_monotonic_decreasing
 
 

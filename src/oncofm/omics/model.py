@@ -19,7 +19,9 @@ Tokens (all of width ``d_model``)::
 Shape
 -----
 - Input: ``pairs`` (B, G, 2), ``cancer`` (B,) int64, ``age`` (B,) float (NaN = unknown), ``sex`` (B,) int64
-- Output: ``logits`` (B,), ``embedding`` (B, d_model)
+- Output: ``logits`` (B,), ``embedding`` (B, d_model), or (B, d_model + 1) with the wide path: the CLS state
+  and the wide path's logit, so that the model's own logit is a linear function of its embedding and a fused
+  head (fusion stage) can start from the anchored prediction instead of losing it
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ class OmicsTransformer(nn.Module):
 
     def forward(self, pairs: torch.Tensor, cancer: torch.Tensor, age: torch.Tensor,
                 sex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits (B,), embedding (B, d))``."""
+        """``(logits (B,), embedding (B, d))``; with the wide path, ``(B, d + 1)``: the CLS state and the wide
+        logit (see :meth:`forward`'s end)."""
         if pairs.ndim != 3 or pairs.shape[1:] != (self.config["n_genes"], 2):
             raise ValueError(f"pairs must be (B, {self.config['n_genes']}, 2), got {tuple(pairs.shape)}")
         tokens = self.tokens(pairs, cancer, age, sex)  # (B, 4 + G, d)
@@ -170,8 +173,12 @@ class OmicsTransformer(nn.Module):
             x = pairs[..., 0]  # (B, G)
             wide = torch.cat([x, x * pairs[..., 1]], dim=1)  # (B, 2G)
             clinical = torch.stack([torch.nan_to_num(age), torch.isnan(age).to(age.dtype)], 1)  # (B, 2)
-            logits = logits + (self.skip["genes"](wide) + self.skip["cancer"](cancer)
-                               + self.skip["clinical"](clinical)).squeeze(-1)
+            wide_logit = (self.skip["genes"](wide) + self.skip["cancer"](cancer)
+                          + self.skip["clinical"](clinical)).squeeze(-1)  # (B,)
+            logits = logits + wide_logit
+            # the penultimate representation of the whole model: its logit is linear in [CLS state, wide logit]
+            # (head weights and 1), so a linear head on the embedding can reach the model's own prediction
+            embedding = torch.cat([embedding, wide_logit[:, None]], dim=1)  # (B, d + 1)
         return logits, embedding
 
 
