@@ -91,3 +91,33 @@ def test_checkpoints_hold_only_trainable_weights_of_a_partly_frozen_model(tmp_pa
     # resuming a finished run restores the trainable part and leaves the frozen part alone
     again = fit(model, _data(100, 0), _data(50, 1), _Task(), settings, tmp_path)
     assert again.epochs_run == 2
+
+
+def test_mixed_precision_auto_resolves_to_what_the_hardware_runs(tmp_path):
+    from oncofm.training import native_bf16, resolve_precision
+
+    assert resolve_precision(TrainSettings(mixed_precision="no")) == "no"
+    assert resolve_precision(TrainSettings(mixed_precision="bf16")) == "bf16"
+    auto = resolve_precision(TrainSettings(mixed_precision="auto", device="cpu"))
+    assert auto == ("bf16" if native_bf16("cpu") else "no")
+    # and the loop trains under it (bf16 autocast on an AMX / AVX512-BF16 CPU)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    settings = TrainSettings(epochs=6, batch_size=32, lr=0.05, patience=6, progress=False, mixed_precision="auto",
+                             device="cpu")
+    fit(model, _data(400, 0), _data(200, 1), _Task(), settings, tmp_path)
+    with torch.no_grad():
+        acc = _Task().evaluate(model, torch.utils.data.DataLoader(_data(300, 2), batch_size=100))["val_acc"]
+    assert acc > 0.9
+
+
+def test_inference_dtype_rejects_unknown_precision():
+    import pytest
+
+    from oncofm.errors import OncoFMError
+    from oncofm.fusion.train import inference_dtype
+
+    assert inference_dtype("fp32") == torch.float32
+    assert inference_dtype("bf16") == torch.bfloat16
+    with pytest.raises(OncoFMError, match="auto, fp32 or bf16"):
+        inference_dtype("half")

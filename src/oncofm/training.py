@@ -59,7 +59,9 @@ class TrainSettings(StageSettings):
     mode: Literal["min", "max"] = "min"
     seed: int = 0
     num_workers: int = Field(0, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        "no", description="auto: bf16 autocast where the hardware runs it natively (a CUDA GPU with bf16, or a "
+        "CPU with AMX / AVX512-BF16), else no")
     device: Literal["auto", "cpu"] = Field("auto", description="auto: GPU when present, else CPU")
     resume: bool = True
     progress: bool = True
@@ -95,6 +97,25 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a < b if mode == "min" else a > b
 
 
+def native_bf16(device: str = "auto") -> bool:
+    """Whether bf16 matrix products run natively here: a CUDA GPU with bf16 (unless ``device`` is ``cpu``), else
+    a CPU with AMX or AVX512-BF16 (Linux ``/proc/cpuinfo`` flags; elsewhere False)."""
+    if device != "cpu" and torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(settings: TrainSettings) -> str:
+    """``settings.mixed_precision`` with ``auto`` resolved (see :func:`native_bf16`)."""
+    if settings.mixed_precision != "auto":
+        return settings.mixed_precision
+    return "bf16" if native_bf16(settings.device) else "no"
+
+
 def make_accelerator(settings: TrainSettings):  # noqa: ANN201 - accelerate.Accelerator
     """The Accelerator for ``settings`` (device and mixed precision from one place)."""
     from accelerate import Accelerator
@@ -102,7 +123,15 @@ def make_accelerator(settings: TrainSettings):  # noqa: ANN201 - accelerate.Acce
 
     # split_batches: batch_size is the global batch, so N processes see exactly the batches one process
     # would (each takes a 1/N slice) and the learning-rate schedule and metrics do not depend on N.
-    return Accelerator(cpu=settings.device == "cpu", mixed_precision=settings.mixed_precision,
+    from accelerate.state import AcceleratorState
+
+    precision = resolve_precision(settings)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # one process may train several models with different precisions (the demo: omics in fp32, then the
+        # fusion LLM in bf16); accelerate keeps one process-wide state and refuses a change, so drop its
+        # per-run part (the distributed set-up, PartialState, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=settings.device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=settings.grad_accum,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
