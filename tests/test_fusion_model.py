@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -187,6 +189,8 @@ def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path)
     gens = [line for line in (run / "models" / "fusion" / "generations.jsonl").read_text().splitlines() if line]
     assert len(gens) == 6
     assert metrics["parse_rate"] == 1.0, gens[:2]  # the prediction line is decoded under its grammar
+    for g in map(json.loads, gens):  # ... which ties the words to the number: death iff risk >= 0.5
+        assert g["death"] == (g["risk"] >= 0.5), g["generated"][-60:]
     assert (run / "models" / "fusion" / "expert_rating.csv").exists()
     assert (run / "models" / "fusion" / "expert_rating.html").exists()
     # one new patient through the product entry point: concatenated embedding with NaN for the missing slide
@@ -228,3 +232,17 @@ def test_prediction_start_stop_and_reasoning_part() -> None:
     assert PredictionStartStop(Tok(), window=60)(ids).tolist() == [True, False]
     assert reasoning_part("Risk genes PLK1.\nPrediction: death") == "Risk genes PLK1."
     assert reasoning_part("no line at all ") == "no line at all"
+
+
+def test_split_closing_finds_the_verdict_sentence_of_either_outcome() -> None:
+    from oncofm.fusion.generate import split_closing
+    from oncofm.fusion.templates import CLOSINGS, render_target
+
+    ev = {"cancer_type": "KIRC", "omics_prob": 0.3, "risk_genes": [], "protective_genes": [], "missing": ["slide"]}
+    for seed in range(12):
+        for death in (True, False):
+            text = render_target(ev, death=death, risk=0.7 if death else 0.2, seed=seed)
+            body, i = split_closing(text.split("\nPrediction:")[0])
+            assert i is not None and body.startswith(("This is", "The patient", "Cancer type"))
+            assert text.split("\nPrediction:")[0].endswith(CLOSINGS[i][0 if death else 1])
+    assert split_closing("Genes that raise the risk: PLK1.") == ("Genes that raise the risk: PLK1.", None)

@@ -132,7 +132,8 @@ def stage_train_fusion(run: Path, redo: bool) -> None:
     from oncofm.training import TrainSettings
 
     fn(settings_cls.build(run=str(run), redo=redo, **DEMO_FUSION,
-                          train=TrainSettings(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, patience=1)))
+                          train=TrainSettings(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, patience=1,
+                                               mixed_precision="auto")))
 
 
 def stage_evaluate_fusion(run: Path, redo: bool) -> None:

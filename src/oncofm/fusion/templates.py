@@ -13,7 +13,7 @@ import random
 from oncofm.fusion.evidence import gene_facts
 from oncofm.fusion.parse import format_prediction
 
-__all__ = ["render_target", "RISK_WORDS", "PROTECTIVE_WORDS"]
+__all__ = ["render_target", "RISK_WORDS", "PROTECTIVE_WORDS", "CLOSINGS"]
 
 # Keywords that mark a clause's direction (used by the faithfulness check as well).
 RISK_WORDS = ("raise", "raises", "push the risk up", "point towards death", "adverse", "unfavourable")
@@ -66,6 +66,10 @@ _CLOSE_ALIVE = (
     "Overall, the findings are favourable.",
     "On balance, survival beyond 5 years is the likelier outcome.",
 )
+
+
+#: the closing sentence of each phrasing, as (death, alive) pairs: the verdict the prediction line follows
+CLOSINGS = tuple(zip(_CLOSE_DEATH, _CLOSE_ALIVE, strict=True))
 
 
 def _gene(x: dict) -> str:
