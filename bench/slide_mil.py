@@ -14,7 +14,7 @@ slides: early stopping on their AUC; instance dropout and an instance-level pseu
 docs/slide_model.md) → test slides: slide AUC (bootstrap 95 % CI), localisation AUC of the attention against
 the planted mask (mean over positive test slides), share of the 10 most attended patches inside the region.
 
-Run (about 10 minutes wall, ~460 s CPU, on 2 loaded cores; 240 slides of 8 x 8 cells)::
+Run (about 4 minutes wall, ~410 s CPU, on 2 idle cores; 240 slides of 8 x 8 cells; EfficientNet at 224 px)::
 
     nice -n 10 .venv/bin/python bench/slide_mil.py            # writes bench/out/slide_mil/
 """
@@ -82,14 +82,45 @@ def load_sources() -> dict[str, Source]:
     return out, manifest
 
 
-def split_sources(sources: dict[str, Source], manifest: pd.DataFrame, planted: str = "brain"
-                  ) -> dict[str, list[str]]:
-    """Disjoint source lists: background/planted for train (+val) slides and for test slides."""
-    test_mn = {f"mn:{p}" for p in manifest.loc[manifest.split == "test", "patient_barcode"]}
-    train, test = PLANTED[planted]
-    bg = [n for n in sources if n not in set(train) | set(test)]
-    return {"bg_train": sorted(n for n in bg if n not in test_mn), "bg_test": sorted(n for n in bg if n in test_mn),
-            "planted_train": train, "planted_test": test}
+#: brain sources for --source-split stratified: the only frozen-section brain image (MoNuSeg FG-A4MU) trains,
+#: so that both sides see frozen and FFPE tissue; two FFPE glioma sources are held out for the test slides
+PLANTED_STRATIFIED = {"brain": (["pf:TCGA-06-0174", "pf:TCGA-26-1442", "mn:TCGA-FG-A4MU"],
+                                ["pf:TCGA-HT-7470", "mn:TCGA-HT-8564"])}
+
+
+def _frozen(name: str, manifest: pd.DataFrame) -> bool:
+    row = manifest.loc[manifest.patient_barcode == name.split(":", 1)[1]]
+    return bool(len(row)) and str(row.slide_type.iloc[0]).startswith("frozen")
+
+
+def split_sources(sources: dict[str, Source], manifest: pd.DataFrame, planted: str = "brain",
+                  how: str = "monuseg", seed: int = 0) -> dict[str, list[str]]:
+    """Disjoint source lists: background/planted for train (+val) slides and for test slides.
+
+    ``monuseg`` (default): MoNuSeg's own train/test tiles — its test tiles are mostly frozen sections (12 of
+    14) and its training tiles mostly FFPE (24 of 30), so test slides also differ in preparation.
+    ``stratified``: background sources shuffled (seeded) into train/test 2:1 *within* frozen and FFPE, and
+    the planted sources of :data:`PLANTED_STRATIFIED`; the sources stay disjoint.
+    """
+    if how == "monuseg":
+        test_mn = {f"mn:{p}" for p in manifest.loc[manifest.split == "test", "patient_barcode"]}
+        train, test = PLANTED[planted]
+        bg = [n for n in sources if n not in set(train) | set(test)]
+        return {"bg_train": sorted(n for n in bg if n not in test_mn),
+                "bg_test": sorted(n for n in bg if n in test_mn), "planted_train": train, "planted_test": test}
+    if how != "stratified" or planted not in PLANTED_STRATIFIED:
+        raise SystemExit(f"--source-split {how} is not available for --planted {planted}")
+    train, test = PLANTED_STRATIFIED[planted]
+    bg = sorted(n for n in sources if n not in set(train) | set(test))  # every brain source is planted
+    rng = np.random.default_rng(seed)
+    bg_train, bg_test = [], []
+    for frozen in (True, False):
+        group = [n for n in bg if _frozen(n, manifest) == frozen]
+        group = [group[i] for i in rng.permutation(len(group))]
+        k = len(group) // 3
+        bg_test += group[:k]
+        bg_train += group[k:]
+    return {"bg_train": sorted(bg_train), "bg_test": sorted(bg_test), "planted_train": train, "planted_test": test}
 
 
 def random_crop(src: Source, rng: np.random.Generator, size: int = CELL, min_tissue: float = 0.6) -> np.ndarray:
@@ -280,6 +311,11 @@ def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict
             "seconds": sum(r[0].seconds for r in runs)}
 
 
+def kw_tag(kw: dict) -> str:
+    """Encoder arguments as a cache-folder suffix (features are cached per encoder configuration)."""
+    return "_".join(f"{k}{v}" for k, v in sorted(kw.items()))
+
+
 def draw_example(slides: list[dict], feats: dict, res: dict, out: Path) -> Path:
     from oncofm.pathology.heatmap import HeatmapSettings, draw_heatmap, score_grid
     from oncofm.pathology.reader import open_slide
@@ -308,6 +344,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--grid", type=int, default=8, help="slide side in cells (an ellipse of tissue inside)")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--source-split", choices=("monuseg", "stratified"), default="monuseg",
+                    help="how source images are split between training and test slides (see split_sources)")
+    ap.add_argument("--effnet-size", type=int, default=224, help="EfficientNet input side (cells are resized)")
     ap.add_argument("--seeds", type=int, default=1, help="models per configuration (ensembled)")
     ap.add_argument("--instance-weights", default="1",
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
@@ -329,11 +368,11 @@ def main() -> None:
     out = args.out
     (out / "slides").mkdir(parents=True, exist_ok=True)
     sources, manifest = load_sources()
-    split = split_sources(sources, manifest, args.planted)
+    split = split_sources(sources, manifest, args.planted, args.source_split, args.seed)
     assert not set(split["bg_train"] + split["planted_train"]) & set(split["bg_test"] + split["planted_test"])
     slides = build_slides(out, sources, split, {"train": args.train, "val": args.val, "test": args.test}, args.seed,
                           args.grid)
-    tag = f"g{args.grid}_s{args.seed}_n{args.train}-{args.val}-{args.test}_{args.planted}"  # slides are a function of these
+    tag = f"g{args.grid}_s{args.seed}_n{args.train}-{args.val}-{args.test}_{args.planted}_{args.source_split}"  # slides are a function of these
     t_build = time.perf_counter() - t0
     tiling = TilingSettings(source=str(out / "slides"), out=str(out / "tiles"), target_mpp=MPP, patch_size=CELL,
                             min_tissue=0.5, slide_mpp=MPP, qc=False)
@@ -346,15 +385,17 @@ def main() -> None:
     probes = {}
     for enc_name in args.encoders.split(","):
         t1 = time.perf_counter()
-        # EfficientNet at the cells' native 96 px (0.5 µm/px); the random-init Swin at 64 px (CPU budget;
-        # window 4 tiles its 16/8/4-token stages exactly)
-        kw = {"input_size": CELL} if enc_name == "efficientnet-lite0" else {"image_size": 64, "window_size": 4}
+        # EfficientNet: the 96-px cells (0.5 µm/px) resized to --effnet-size (224 = its ImageNet input, where
+        # its features are best); the random-init Swin at 64 px (CPU budget; window 4 tiles its stages exactly)
+        kw = ({"input_size": args.effnet_size} if enc_name == "efficientnet-lite0"
+              else {"image_size": 64, "window_size": 4})
         torch.manual_seed(args.seed)
         encoder = create_encoder(enc_name, **kw).eval()
         feats = {}
         for x in track(slides, f"features {enc_name}"):
             h5 = extract_features(encoder, out / "tiles" / f"{x['slide']}.h5",
-                                  out / "features" / f"{enc_name}_{tag}" / f"{x['slide']}.h5", encoder_name=enc_name,
+                                  out / "features" / f"{enc_name}_{kw_tag(kw)}_{tag}" / f"{x['slide']}.h5",
+                                  encoder_name=enc_name,
                                   slide_mpp=MPP)  # cached: reused when slides, tiles and encoder are the same
             feats[x["slide"]] = load_features(h5)
         feats = standardise(feats, [x["slide"] for x in slides if x["split"] == "train"])
