@@ -119,11 +119,8 @@ def resolve_precision(settings: TrainSettings) -> str:
 def make_accelerator(settings: TrainSettings):  # noqa: ANN201 - accelerate.Accelerator
     """The Accelerator for ``settings`` (device and mixed precision from one place)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    # split_batches: batch_size is the global batch, so N processes see exactly the batches one process
-    # would (each takes a 1/N slice) and the learning-rate schedule and metrics do not depend on N.
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
 
     precision = resolve_precision(settings)
     if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
@@ -131,6 +128,8 @@ def make_accelerator(settings: TrainSettings):  # noqa: ANN201 - accelerate.Acce
         # fusion LLM in bf16); accelerate keeps one process-wide state and refuses a change, so drop its
         # per-run part (the distributed set-up, PartialState, is kept)
         AcceleratorState._reset_state(reset_partial_state=False)
+    # split_batches: batch_size is the global batch, so N processes see exactly the batches one process
+    # would (each takes a 1/N slice) and the learning-rate schedule and metrics do not depend on N.
     return Accelerator(cpu=settings.device == "cpu", mixed_precision=precision,
                        gradient_accumulation_steps=settings.grad_accum,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
