@@ -27,6 +27,7 @@ So every explanation ends in a well-formed line whose words and number come from
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -70,13 +71,18 @@ def reasoning_part(text: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
-def _append(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor, text: str) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def _append_ids(model: FusionLLM, prefix: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """``prefix`` (n, H) followed by the token embeddings of ``ids``."""
     return torch.cat([prefix, model.embed(torch.tensor([ids], device=prefix.device))[0].to(prefix.dtype)])
 
 
-def _digit_ids(tokenizer: Any) -> list[int]:
-    return [tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)]
+def _append(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor, text: str) -> torch.Tensor:
+    return _append_ids(model, prefix, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.lru_cache(maxsize=4)
+def _digit_ids(tokenizer: Any) -> tuple[int, ...]:
+    return tuple(tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10))
 
 
 @torch.no_grad()
@@ -87,12 +93,12 @@ def outcome_branch(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor, verdi
     ``verdict`` the text up to the outcome words (closing sentence, ``Prediction:``, words)."""
     scored = tokenizer(verdict, add_special_tokens=False)["input_ids"]
     ids = scored + tokenizer(" (risk 0.", add_special_tokens=False)["input_ids"]
-    embeds = torch.cat([prefix, model.embed(torch.tensor([ids], device=prefix.device))[0].to(prefix.dtype)])
+    embeds = _append_ids(model, prefix, ids)
     logits = model.llm(inputs_embeds=embeds[None]).logits[0].float()  # (n + m, V)
     n = prefix.shape[0]
     logp = torch.log_softmax(logits[n - 1: n - 1 + len(scored)], dim=-1)  # predictions of the verdict tokens
     l_verdict = float(logp[torch.arange(len(scored)), torch.tensor(scored)].sum())
-    return l_verdict, torch.softmax(logits[-1, _digit_ids(tokenizer)], dim=0), embeds
+    return l_verdict, torch.softmax(logits[-1, list(_digit_ids(tokenizer))], dim=0), embeds
 
 
 @torch.no_grad()
@@ -106,7 +112,7 @@ def expected_risk(model: FusionLLM, tokenizer: Any, prefix: torch.Tensor, p1: to
     p1 = p1 * keep / (p1 * keep).sum().clamp_min(1e-12)
     first = int(p1.argmax())
     second = _append(model, tokenizer, prefix, str(first))
-    p2 = torch.softmax(model.llm(inputs_embeds=second[None]).logits[0, -1].float()[_digit_ids(tokenizer)], dim=0)
+    p2 = torch.softmax(model.llm(inputs_embeds=second[None]).logits[0, -1].float()[list(_digit_ids(tokenizer))], dim=0)
     return float((p1 * values).sum() / 10 + (p2 * values).sum() / 100)
 
 
