@@ -11,7 +11,7 @@ weights stay frozen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from oncofm.fusion.evidence import evidence_prompt
 from oncofm.fusion.fuse import FusedEmbedding
 from oncofm.fusion.projector import SoftTokenProjector
+from oncofm.fusion.templates import draft_texts
 
 __all__ = ["FusionLLM", "FusionItem", "build_prompt_ids", "encode_item", "collate", "FusionTask", "IGNORE_INDEX",
            "SYSTEM_PROMPT", "USER_PROMPT"]
@@ -40,6 +41,8 @@ class FusionItem:
     has_slide: bool
     prompt_ids: list[int]
     target_ids: list[int] | None = None
+    #: token ids of template renderings of the evidence (-1 between texts): drafts for speculative decoding
+    draft_ids: list[int] = field(default_factory=list)
 
 
 def build_prompt_ids(tokenizer: Any, evidence: dict) -> list[int]:
@@ -56,12 +59,17 @@ def build_prompt_ids(tokenizer: Any, evidence: dict) -> list[int]:
 
 def encode_item(tokenizer: Any, record: dict, omics: Any, slide: Any, has_omics: bool, has_slide: bool,
                 with_target: bool = True) -> FusionItem:
-    target_ids = None
+    """A record (``patient_id``, ``evidence``, ``target``) and its embeddings as a :class:`FusionItem`; for
+    generation (``with_target=False``) with the draft ids of speculative decoding."""
+    target_ids, draft_ids = None, []
     if with_target and record.get("target"):
         target_ids = list(tokenizer(record["target"], add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    if not with_target:
+        for text in draft_texts(record["evidence"]):
+            draft_ids += [*tokenizer(text, add_special_tokens=False)["input_ids"], -1]
     return FusionItem(record["patient_id"], torch.as_tensor(omics, dtype=torch.float32),
                       torch.as_tensor(slide, dtype=torch.float32), bool(has_omics), bool(has_slide),
-                      build_prompt_ids(tokenizer, record["evidence"]), target_ids)
+                      build_prompt_ids(tokenizer, record["evidence"]), target_ids, draft_ids)
 
 
 def collate(items: list[FusionItem], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import random
 from oncofm.fusion.evidence import gene_facts
 from oncofm.fusion.parse import format_prediction
 
-__all__ = ["render_target", "RISK_WORDS", "PROTECTIVE_WORDS", "CLOSINGS"]
+__all__ = ["render_target", "draft_texts", "RISK_WORDS", "PROTECTIVE_WORDS", "CLOSINGS"]
 
 # Keywords that mark a clause's direction (used by the faithfulness check as well).
 RISK_WORDS = ("raise", "raises", "push the risk up", "point towards death", "adverse", "unfavourable")
@@ -102,3 +102,16 @@ def render_target(ev: dict, *, death: bool, risk: float, seed: int | str = 0) ->
             out.append(pick(_MISSING[m]))
     out.append(pick(_CLOSE_DEATH if death else _CLOSE_ALIVE))
     return " ".join(out) + "\n" + format_prediction(death, risk)
+
+
+def draft_texts(ev: dict, phrasings: int = 10) -> list[str]:
+    """The reasoning parts (no prediction line) of ``ev``'s explanations in ``phrasings`` seeded phrasings
+    and both outcomes: the draft source of speculative decoding (:func:`oncofm.fusion.generate.greedy_lookup`).
+    Drafts are only proposals, checked token by token against the LLM's own greedy choice."""
+    out: list[str] = []
+    for seed in range(phrasings):
+        for death in (True, False):
+            text = render_target(ev, death=death, risk=0.5, seed=seed).rsplit("\n", 1)[0]
+            if text not in out:
+                out.append(text)
+    return out

@@ -485,10 +485,10 @@ def run_fusion(evidence: dict[str, Any], omics: OmicsResult | None, slide: Slide
     if not (model_dir / "projector.safetensors").exists():
         raise StepSkipped(f"the run has no fusion model ({model_dir}): run `oncofm train fusion`; "
                           "no generated explanation")
-    train, = _optional_import_names("oncofm.fusion.train", "load_fusion_model")
+    product_model, = _optional_import_names("oncofm.fusion.explain", "product_model")
     encode_item, = _optional_import_names("oncofm.fusion.model", "encode_item")
     generate_texts, = _optional_import_names("oncofm.fusion.generate", "generate_texts")
-    model, tokenizer, cfg = train(layout.root)
+    model, tokenizer, cfg = product_model(layout.root)  # fp32, LoRA merged, loaded once per process
     d_omics, d_slide = int(cfg["d_omics"]), int(cfg["d_slide"])
     om, has_om = _embedding_or_zeros(None if omics is None else omics.embedding, d_omics, "omics")
     sl, has_sl = _embedding_or_zeros(None if slide is None else slide.embedding, d_slide, "slide")

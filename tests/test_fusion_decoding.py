@@ -1,0 +1,125 @@
+"""Decoding of explanations: lookup-draft (speculative) greedy decoding is exact, and the verdict decoder
+gives the same line whether or not it reuses the KV cache of the reasoning. Tiny random Llama in float64
+(no download), so float rounding cannot flip a greedy choice."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from oncofm.fusion import generate as G
+
+
+class _Wrap(nn.Module):
+    """The part of FusionLLM the decoders use: ``.llm`` and its token embeddings."""
+
+    def __init__(self, llm: nn.Module) -> None:
+        super().__init__()
+        self.llm = llm
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+
+def _tiny(vocab: int) -> _Wrap:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return _Wrap(LlamaForCausalLM(cfg).double().eval())
+
+
+@torch.no_grad()
+def _plain_greedy(model: _Wrap, context: torch.Tensor, n: int) -> list[int]:
+    """Reference: recompute the whole sequence at every step, no cache, no drafts."""
+    out: list[int] = []
+    for _ in range(n):
+        emb = torch.cat([context, model.embed(torch.tensor(out, dtype=torch.long))]) if out else context
+        out.append(int(model.llm(inputs_embeds=emb[None]).logits[0, -1].argmax()))
+    return out
+
+
+def test_lookup_draft_prefers_the_longest_ngram_and_stops_at_separators() -> None:
+    history = [5, 6, 7, -1, 1, 2, 3, 4, 9, -1, 8, 2, 3, 1, 2, 3]
+    # the last 3-gram (1, 2, 3) occurred before at positions 4-6: its continuation runs up to the separator
+    assert G._lookup_draft(history, max_ngram=3, k=16) == [4, 9]
+    assert G._lookup_draft(history, max_ngram=3, k=1) == [4]
+    assert G._lookup_draft([1, 2, 3], max_ngram=3) == []  # no earlier occurrence of any n-gram
+
+
+@pytest.mark.parametrize("drafts", ["none", "perfect", "garbage"])
+def test_greedy_lookup_is_exactly_greedy_decoding(drafts: str) -> None:
+    model = _tiny(vocab=50)
+    prompt = torch.randint(3, 50, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    context = model.embed(torch.tensor(prompt))
+    n = 40
+    want = _plain_greedy(model, context, n)
+    draft_ids = {"none": [], "perfect": want, "garbage": torch.randint(3, 50, (60,)).tolist()}[drafts]
+    calls = []
+    forward = model.llm.forward
+    model.llm.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    tok = SimpleNamespace(eos_token_id=-7)  # never generated: decode all n tokens
+    got, cache = G.greedy_lookup(model, tok, context, prompt, max_new_tokens=n, stop=lambda ids: False,
+                                 drafts=draft_ids)
+    assert got == want
+    assert cache.get_seq_length() == len(prompt) + n - 1  # the context and every generated token but the last
+    if drafts == "perfect":  # drafts that greedy agrees with are taken many tokens per pass
+        assert len(calls) <= n // 4
+
+
+def test_greedy_lookup_stops_at_eos_and_at_the_stop_rule() -> None:
+    model = _tiny(vocab=50)
+    prompt = list(range(3, 15))
+    context = model.embed(torch.tensor(prompt))
+    want = _plain_greedy(model, context, 30)
+    eos = want[10]
+    got, _ = G.greedy_lookup(model, SimpleNamespace(eos_token_id=eos), context, prompt, max_new_tokens=30,
+                             stop=lambda ids: False, drafts=want)
+    assert got == want[: want.index(eos) + 1]
+    got, _ = G.greedy_lookup(model, SimpleNamespace(eos_token_id=-7), context, prompt, max_new_tokens=30,
+                             stop=lambda ids: len(ids) >= 5, drafts=[])
+    assert got == want[:5]
+
+
+def _tokenizer(texts: list[str]):  # noqa: ANN202 — a transformers fast tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+
+
+def test_verdict_is_the_same_with_and_without_the_reused_cache() -> None:
+    from transformers import DynamicCache
+
+    from oncofm.fusion.parse import parse_prediction
+    from oncofm.fusion.templates import draft_texts, render_target
+
+    ev = {"cancer_type": "LUAD", "omics_prob": 0.64, "missing": ["slide"],
+          "risk_genes": [{"gene": "PLK1", "z": 1.2, "cox": "+", "q": 0.03}],
+          "protective_genes": [{"gene": "CD8A", "z": 0.8, "cox": "-", "q": 0.2}]}
+    texts = [render_target(ev, death=d, risk=0.6, seed=s) for s in range(6) for d in (True, False)]
+    tok = _tokenizer(texts * 3)
+    model = _tiny(vocab=len(tok))
+    prompt = tok("Explain: LUAD, omics 0.64", add_special_tokens=False)["input_ids"]
+    context = model.embed(torch.tensor(prompt))
+    reasoning = draft_texts(ev)[0]  # as if the LLM had written it
+    generated = tok(reasoning + "\nPrediction:", add_special_tokens=False)["input_ids"]
+    cache = DynamicCache()
+    G._feed(model, cache, embeds=context)
+    G._feed(model, cache, generated[:-1])  # what greedy_lookup leaves behind
+    fresh = G.constrained_prediction(model, tok, context, prompt, reasoning)
+    reused = G.constrained_prediction(model, tok, context, prompt, reasoning, generated=generated, cache=cache)
+    assert reused == fresh
+    parsed = parse_prediction(fresh)
+    assert parsed is not None and parsed.death == (parsed.risk >= 0.5)
+    assert fresh.startswith(G.split_closing(reasoning)[0])
