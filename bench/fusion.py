@@ -1,6 +1,6 @@
 """Fusion benchmark: fine-tuning time on the whole tcga13 training split and one explanation, vs targets.
 
-    .venv/bin/python bench/fusion.py --run RUN [--steps 3] [--threads 2]
+    .venv/bin/python bench/fusion.py --run RUN [--steps 3] [--threads 2] [--patients 5] [--skip-training]
 
 RUN must hold ``reasoning/dataset.jsonl`` (``oncofm reasoning``) and, for the explanation timing, a trained
 ``models/fusion`` (``oncofm train fusion``). Builds the default fusion model (SmolLM2-135M + LoRA +
@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--patients", type=int, default=5, help="test patients explained one at a time")
+    ap.add_argument("--skip-training", action="store_true", help="time only the explanations")
     args = ap.parse_args()
 
     import torch
@@ -39,55 +41,58 @@ def main() -> None:
     records = read_dataset(args.run)
     train = [r for r in records if r["split"] == "train" and r["target"]]
     random.Random(0).shuffle(train)
-    llm, tok = load_llm()
-    items = fusion_items(tok, train[: 8 * args.steps], args.run, with_target=True)
-    model = build_fusion_model(llm, items[0].omics.shape[0], items[0].slide.shape[0], FusionSettings(run=args.run))
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    model.train()
+    if not args.skip_training:
+        llm, tok = load_llm()
+        items = fusion_items(tok, train[: 8 * args.steps], args.run, with_target=True)
+        model = build_fusion_model(llm, items[0].omics.shape[0], items[0].slide.shape[0], FusionSettings(run=args.run))
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+        model.train()
 
-    def per_patient(bf16: bool) -> float:
-        t0 = time.perf_counter()
-        for s in range(args.steps):
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            with ctx:
-                loss = FusionTask().loss(model, collate(items[8 * s: 8 * s + 8], tok.pad_token_id))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return (time.perf_counter() - t0) / (8 * args.steps)
+        def per_patient(bf16: bool) -> float:
+            t0 = time.perf_counter()
+            for s in range(args.steps):
+                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+                with ctx:
+                    loss = FusionTask().loss(model, collate(items[8 * s: 8 * s + 8], tok.pad_token_id))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            return (time.perf_counter() - t0) / (8 * args.steps)
 
-    modes = {"fp32": False, "bf16 autocast": True} if native_bf16("cpu") else {"fp32": False}
-    times = {name: per_patient(flag) for name, flag in modes.items()}
-    for name, sec in times.items():
-        epoch_min = sec * len(train) / 60
-        print(f"fine-tuning ({name}): {sec:.2f} s per patient -> one epoch over {len(train)} labelled training "
-              f"patients {epoch_min:.1f} min | target 45 min | ratio {epoch_min / 45:.2f}")
-    if len(times) == 2:
-        print(f"bf16 autocast vs fp32 training step: {times['fp32'] / times['bf16 autocast']:.2f}x faster")
+        modes = {"fp32": False, "bf16 autocast": True} if native_bf16("cpu") else {"fp32": False}
+        times = {name: per_patient(flag) for name, flag in modes.items()}
+        for name, sec in times.items():
+            epoch_min = sec * len(train) / 60
+            print(f"fine-tuning ({name}): {sec:.2f} s per patient -> one epoch over {len(train)} labelled training "
+                  f"patients {epoch_min:.1f} min | target 45 min | ratio {epoch_min / 45:.2f}")
+        if len(times) == 2:
+            print(f"bf16 autocast vs fp32 training step: {times['fp32'] / times['bf16 autocast']:.2f}x faster")
 
     if not (Path(args.run) / "models" / "fusion" / "config.yaml").exists():
         return
-    from oncofm.fusion.fuse import load_embeddings
+    from oncofm.fusion.explain import product_model
     from oncofm.fusion.generate import generate_texts
-    from oncofm.fusion.train import load_fusion_model
 
-    rec = next(r for r in records if r["split"] == "test" and r["label"] is not None)
-    emb = load_embeddings(args.run, [rec["patient_id"]])
-    one = {}
-    for name, kw in {"fp32 + merged LoRA (product path)": {"precision": "fp32", "merge": True},
-                     "bf16": {"precision": "bf16"}}.items():
-        fm, ftok, cfg = load_fusion_model(args.run, **kw)
-        item = fusion_items(ftok, [rec], args.run, with_target=False, dims=(cfg["d_omics"], cfg["d_slide"]))
-        generate_texts(fm, ftok, item, max_new_tokens=4, batch_size=1, progress=False)  # warm-up
-        t1 = time.perf_counter()
-        text = generate_texts(fm, ftok, item, batch_size=1, progress=False)[0]
-        one[name] = time.perf_counter() - t1
-        print(f"one explanation ({name}): {one[name]:.1f} s ({len(ftok(text)['input_ids'])} tokens) "
-              f"| target 20 s | ratio {one[name] / 20:.2f}")
-        del fm
-    a, b = one.values()
-    print(f"product path vs bf16 for one explanation: {b / a:.2f}x faster (patient {rec['patient_id']}, "
-          f"embedding from {emb.omics.shape[1]}-d omics)")
+    recs = [r for r in records if r["split"] == "test" and r["label"] is not None][: args.patients]
+    fm, ftok, cfg = product_model(args.run)  # fp32, LoRA merged: what `oncofm explain` runs
+    items = fusion_items(ftok, recs, args.run, with_target=False, dims=(cfg["d_omics"], cfg["d_slide"]))
+    generate_texts(fm, ftok, items[:1], max_new_tokens=4, batch_size=1, progress=False)  # warm-up
+    secs: dict[str, list[float]] = {"lookup drafts (product path)": [], "plain greedy": []}
+    for item in items:  # the two decoders alternate patient by patient, so machine load hits both alike
+        texts = {}
+        for name, draft in (("lookup drafts (product path)", 16), ("plain greedy", 0)):
+            t1 = time.perf_counter()
+            texts[name] = generate_texts(fm, ftok, [item], batch_size=1, progress=False, draft=draft)[0]
+            secs[name].append(time.perf_counter() - t1)
+        same = texts["plain greedy"].split("Prediction:")[0] == texts["lookup drafts (product path)"].split("Prediction:")[0]
+        print(f"  {item.patient_id}: {secs['lookup drafts (product path)'][-1]:.1f} s with drafts, "
+              f"{secs['plain greedy'][-1]:.1f} s plain ({len(ftok(texts['plain greedy'])['input_ids'])} tokens; "
+              f"same reasoning: {same})")
+    med = {k: sorted(v)[len(v) // 2] for k, v in secs.items()}
+    for name, sec in med.items():
+        print(f"one explanation ({name}, fp32 + merged LoRA): median {sec:.1f} s, max {max(secs[name]):.1f} s over "
+              f"{len(items)} test patients | target 20 s | ratio {sec / 20:.2f}")
+    print(f"lookup drafts vs plain greedy: {med['plain greedy'] / med['lookup drafts (product path)']:.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -229,6 +229,16 @@ def standardise(feats: dict, train: list[str]) -> dict:
     return {k: ((f - mu) / sd, c) for k, (f, c) in feats.items()}
 
 
+def neighbour_mean(f: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Mean feature of each patch's 3 x 3 neighbourhood (itself and the tissue patches around it)."""
+    cells = {tuple(c): i for i, c in enumerate(coords // CELL)}
+    out = np.empty_like(f)
+    for (cx, cy), i in cells.items():
+        idx = [cells[(cx + dx, cy + dy)] for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (cx + dx, cy + dy) in cells]
+        out[i] = f[idx].mean(axis=0)
+    return out
+
+
 def linear_probe(slides: list[dict], feats: dict) -> float:
     """Reference: patch-level AUC of a logistic regression (planted vs not) fitted on the training slides'
     patch labels — which the MIL model never sees — and scored on the test slides' patches."""
@@ -351,6 +361,7 @@ def main() -> None:
     ap.add_argument("--instance-weights", default="1",
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--context", action="store_true", help="append each patch's 3x3-neighbourhood mean feature")
     ap.add_argument("--encoders", default="efficientnet-lite0,swin-cpu")
     ap.add_argument("--planted", choices=sorted(PLANTED), default="brain", help="tissue planted in positives")
     args = ap.parse_args()
@@ -399,6 +410,8 @@ def main() -> None:
                                   slide_mpp=MPP)  # cached: reused when slides, tiles and encoder are the same
             feats[x["slide"]] = load_features(h5)
         feats = standardise(feats, [x["slide"] for x in slides if x["split"] == "train"])
+        if args.context:
+            feats = {k: (np.concatenate([f, neighbour_mean(f, c)], axis=1), c) for k, (f, c) in feats.items()}
         probes[enc_name] = linear_probe(slides, feats)
         timings[f"features {enc_name}"] = time.perf_counter() - t1
         for agg in ("gated-attention", "mean"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,8 @@ def _prefix(model: FusionLLM, context: torch.Tensor, last_context_id: int, body_
 def _lookup_draft(history: list[int], max_ngram: int = 3, k: int = 16) -> list[int]:
     """Lookup draft: the ``k`` tokens that followed the latest earlier occurrence of the last n-gram of
     ``history`` (longest n first), stopping at a -1 separator; empty when there is none."""
+    if k <= 0:
+        return []
     for n in range(min(max_ngram, len(history) - 1), 0, -1):
         tail = history[-n:]
         for start in range(len(history) - n - 1, -1, -1):
@@ -141,7 +144,7 @@ def _lookup_draft(history: list[int], max_ngram: int = 3, k: int = 16) -> list[i
 
 @torch.no_grad()
 def greedy_lookup(model: FusionLLM, tokenizer: Any, context: torch.Tensor, context_ids: list[int], *,
-                  max_new_tokens: int, stop: Any, drafts: list[int] = (), draft: int = 16
+                  max_new_tokens: int, stop: Any, drafts: Sequence[int] = (), draft: int = 16
                   ) -> tuple[list[int], Any]:
     """Greedy decoding of one row, sped up by lookup drafts (speculative decoding, exact: the same tokens as
     plain greedy decoding, up to float rounding).
@@ -272,11 +275,13 @@ def cut_after_prediction(text: str) -> str:
 
 @torch.no_grad()
 def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *, max_new_tokens: int = 200,
-                   batch_size: int = 8, progress: bool = True, constrained: bool = True) -> list[str]:
+                   batch_size: int = 8, progress: bool = True, constrained: bool = True, draft: int = 16
+                   ) -> list[str]:
     """Greedy explanations for ``items`` (their prompts; targets ignored).
 
-    ``batch_size`` 1 decodes each row with prompt-lookup drafts (:func:`greedy_lookup`, the product path);
-    larger batches go through ``transformers``' batched ``generate``. ``constrained`` decodes the final
+    ``batch_size`` 1 decodes each row with lookup drafts of up to ``draft`` tokens (:func:`greedy_lookup`,
+    the product path; ``draft=0`` is plain greedy decoding, one token per forward pass); larger batches go
+    through ``transformers``' batched ``generate``. ``constrained`` decodes the final
     prediction line under its grammar (module docstring).
     """
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -312,7 +317,7 @@ def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *,
                 for i, it in enumerate(batch)]  # each (k + L_i, H)
         if len(batch) == 1:
             ids, cache = greedy_lookup(model, tokenizer, rows[0], batch[0].prompt_ids, drafts=batch[0].draft_ids,
-                                       max_new_tokens=max_new_tokens, stop=stop_ids)
+                                       max_new_tokens=max_new_tokens, stop=stop_ids, draft=draft)
             out.append(finish(rows[0], batch[0], tokenizer.decode(ids, skip_special_tokens=True),
                               generated=ids, cache=cache))
             continue
