@@ -1,8 +1,9 @@
 """Generation with a proper stop, and a grammar-constrained prediction line.
 
-Rows are left-padded so a batch generates together: ``[pad ...][soft_1..soft_k][prompt ...]``. Greedy
-decoding (deterministic explanations) writes the reasoning and stops at EOS, at ``max_new_tokens``, or as
-soon as the model starts its ``Prediction:`` line.
+Greedy decoding (deterministic explanations) writes the reasoning and stops at EOS, at ``max_new_tokens``, or
+as soon as the model starts its ``Prediction:`` line. Batches are left-padded so they generate together
+(``[pad ...][soft_1..soft_k][prompt ...]``, ``transformers`` ``generate``); one patient alone (the product
+path) is decoded by :func:`greedy_lookup`, greedy decoding sped up ~4x by lookup drafts and exact.
 
 The prediction line itself is then decoded under its grammar (``constrained=True``, the default), by the
 fine-tuned LLM alone, given the soft tokens, the prompt and its own reasoning:
@@ -17,9 +18,13 @@ fine-tuned LLM alone, given the soft tokens, the prompt and its own reasoning:
    probability it gives, after ``(risk 0.``, to a first decimal on that outcome's side of 0.5; the likelier
    verdict is written;
 3. the risk number: the LLM's distribution over the ten digit tokens, restricted to that side, gives the
-   first decimal, and (after its most likely first digit) the second; the risk written is their
-   expectation, ``sum_d p(d) d / 10 + sum_e p(e | d*) e / 100`` — the number the model would write,
-   without the rounding that greedy decoding would impose on it.
+   first decimal, and after each allowed first decimal ``d`` its distribution of the second; the risk written
+   is the expectation ``sum_d p(d) (d / 10 + sum_e p(e | d) e / 100)`` — the number the model would write,
+   without the rounding that greedy decoding would impose on it. (Picked on the validation split over the
+   second decimal after the likeliest first only: AUC 0.7885 vs 0.7855, docs/fusion.md.)
+
+The verdict's forward passes reuse the KV cache of the reasoning (:class:`_Prefix`), so they cost a few
+passes over 1–20 tokens, not passes over the whole ~600-token sequence.
 
 So every explanation ends in a well-formed line whose words and number come from the fine-tuned LLM. With
 ``constrained=False`` the line is free text, cut after the first complete prediction line (and may not parse).
