@@ -123,3 +123,24 @@ def test_verdict_is_the_same_with_and_without_the_reused_cache() -> None:
     parsed = parse_prediction(fresh)
     assert parsed is not None and parsed.death == (parsed.risk >= 0.5)
     assert fresh.startswith(G.split_closing(reasoning)[0])
+
+
+def test_product_model_is_loaded_once_and_again_after_retraining(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import os
+
+    import oncofm.fusion.train as train
+    from oncofm.fusion import explain
+
+    loads = []
+    monkeypatch.setattr(train, "load_fusion_model", lambda run, **kw: loads.append(kw) or ("model", "tok", {}))
+    explain._cached_model.cache_clear()
+    projector = tmp_path / "models" / "fusion" / "projector.safetensors"
+    projector.parent.mkdir(parents=True)
+    projector.write_bytes(b"v1")
+    assert explain.product_model(tmp_path) == explain.product_model(str(tmp_path)) == ("model", "tok", {})
+    assert loads == [{"precision": "fp32", "merge": True}]  # once, in the product's precision
+    stat = projector.stat()
+    os.utime(projector, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # `oncofm train fusion --redo`
+    explain.product_model(tmp_path)
+    assert len(loads) == 2
+    explain._cached_model.cache_clear()

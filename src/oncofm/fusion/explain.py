@@ -15,7 +15,7 @@ __all__ = ["explain_patient", "product_model"]
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(run: str) -> tuple[Any, Any, dict]:
+def _cached_model(run: str, version: int) -> tuple[Any, Any, dict]:
     from oncofm.fusion.train import load_fusion_model
 
     # one patient at a time is matrix-vector work: fp32 with the LoRA merged is the fastest here (bf16 pays
@@ -25,8 +25,13 @@ def _cached_model(run: str) -> tuple[Any, Any, dict]:
 
 def product_model(run: str | Path) -> tuple[Any, Any, dict]:
     """``(model, tokenizer, config)`` of ``RUN``'s fusion model as the product runs it (fp32, LoRA merged),
-    loaded once per process."""
-    return _cached_model(str(Path(run).resolve()))
+    loaded once per process and again when the model is retrained (keyed on its projector file's mtime)."""
+    from oncofm.paths import RunLayout
+
+    root = Path(run).resolve()
+    projector = RunLayout(root).model_dir("fusion") / "projector.safetensors"
+    version = projector.stat().st_mtime_ns if projector.exists() else 0
+    return _cached_model(str(root), version)
 
 
 def _split_embedding(fused: Any, d_omics: int, d_slide: int) -> tuple[np.ndarray, np.ndarray, bool, bool]:
