@@ -357,6 +357,8 @@ def main() -> None:
     ap.add_argument("--source-split", choices=("monuseg", "stratified"), default="monuseg",
                     help="how source images are split between training and test slides (see split_sources)")
     ap.add_argument("--effnet-size", type=int, default=224, help="EfficientNet input side (cells are resized)")
+    ap.add_argument("--effnet-layers", choices=("head", "multiscale"), default="head",
+                    help="EfficientNet features: the 1280-d head, or stages 4-7 averaged and concatenated (704-d)")
     ap.add_argument("--seeds", type=int, default=1, help="models per configuration (ensembled)")
     ap.add_argument("--instance-weights", default="1",
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
@@ -398,8 +400,8 @@ def main() -> None:
         t1 = time.perf_counter()
         # EfficientNet: the 96-px cells (0.5 µm/px) resized to --effnet-size (224 = its ImageNet input, where
         # its features are best); the random-init Swin at 64 px (CPU budget; window 4 tiles its stages exactly)
-        kw = ({"input_size": args.effnet_size} if enc_name == "efficientnet-lite0"
-              else {"image_size": 64, "window_size": 4})
+        kw = ({"input_size": args.effnet_size} | ({"layers": args.effnet_layers} if args.effnet_layers != "head" else {})
+              if enc_name == "efficientnet-lite0" else {"image_size": 64, "window_size": 4})
         torch.manual_seed(args.seed)
         encoder = create_encoder(enc_name, **kw).eval()
         feats = {}

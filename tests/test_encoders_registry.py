@@ -79,3 +79,21 @@ def test_efficientnet_lite0_imagenet_weights_are_loaded() -> None:
         stem = enc._conv_stem(enc.prepare(torch.rand(8, 3, 224, 224)))
     ratio = stem.var(dim=(0, 2, 3)).mean() / enc._bn0.running_var.mean()
     assert 0.05 < float(ratio) < 20
+
+
+def test_efficientnet_multiscale_features_are_the_stage_averages_then_the_head_is_unchanged() -> None:
+    head = create_encoder("efficientnet-lite0", pretrained=False).eval()
+    multi = create_encoder("efficientnet-lite0", pretrained=False, layers="multiscale").eval()
+    multi.load_state_dict(head.state_dict())
+    assert (head.dim, multi.dim) == (1280, 80 + 112 + 192 + 320)
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        f = multi(x)
+        h = multi._bn0(multi._conv_stem(multi.prepare(x))).clamp(0, 6)
+        for block in multi._blocks[:8]:  # stages 1-4 are the first 1 + 2 + 2 + 3 blocks
+            h = block(h)
+        torch.testing.assert_close(f[:, :80], h.mean(dim=(2, 3)))
+        torch.testing.assert_close(multi.logits(x), head.logits(x))  # the ImageNet check ignores `layers`
+    assert f.shape == (2, multi.dim)
+    with pytest.raises(ValueError, match="layers"):
+        create_encoder("efficientnet-lite0", pretrained=False, layers="stage9")

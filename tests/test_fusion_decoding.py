@@ -120,9 +120,11 @@ def test_verdict_is_the_same_with_and_without_the_reused_cache() -> None:
     fresh = G.constrained_prediction(model, tok, context, prompt, reasoning)
     reused = G.constrained_prediction(model, tok, context, prompt, reasoning, generated=generated, cache=cache)
     assert reused == fresh
-    parsed = parse_prediction(fresh)
-    assert parsed is not None and parsed.death == (parsed.risk >= 0.5)
-    assert fresh.startswith(G.split_closing(reasoning)[0])
+    for readout in G.READOUTS:
+        text = G.constrained_prediction(model, tok, context, prompt, reasoning, readout=readout)
+        parsed = parse_prediction(text)
+        assert parsed is not None and parsed.death == (parsed.risk >= 0.5)
+        assert text.startswith(G.split_closing(reasoning)[0])
 
 
 def test_product_model_is_loaded_once_and_again_after_retraining(tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -144,3 +146,48 @@ def test_product_model_is_loaded_once_and_again_after_retraining(tmp_path, monke
     explain.product_model(tmp_path)
     assert len(loads) == 2
     explain._cached_model.cache_clear()
+
+
+def test_second_decimals_in_one_pass_equal_ten_passes_and_restore_the_cache() -> None:
+    from transformers import DynamicCache
+
+    model = _tiny(vocab=50)
+    digits = list(range(20, 30))
+    cache = DynamicCache()
+    G._feed(model, cache, embeds=model.embed(torch.arange(3, 15)))
+    base = cache.get_seq_length()
+    got = G._second_decimals(model, cache, digits)
+    assert cache.get_seq_length() == base + 1 and cache.layers[0].keys.shape[0] == 1  # one row again
+    G._crop(cache, base)
+    want = []
+    for d in digits:  # one at a time, the cache cut back after each
+        p = torch.softmax(G._feed(model, cache, [d])[-1, digits], dim=0)
+        want.append(float((p * torch.arange(10, dtype=p.dtype)).sum()))
+        G._crop(cache, base)
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6)
+
+
+def _branch(death: bool, p_words: float, p1: list[float], e2: float = 0.0) -> G._Branch:
+    return G._Branch(death, f"Prediction: {G.OUTCOMES[0 if death else 1]}", float(torch.tensor(p_words).log()),
+                     torch.tensor(p1, dtype=torch.float32), torch.full((10,), e2))
+
+
+def test_marginal_readout_weighs_both_outcomes_and_the_words_follow_the_number() -> None:
+    one_hot = [[float(i == d) for i in range(10)] for d in range(10)]
+    # death words with probability 0.8 and then "0.7x"; alive words 0.2 and then "0.2x"; E[x] = 5 in both
+    death, risk = G._marginal([_branch(True, 0.8, one_hot[7], 5.0), _branch(False, 0.2, one_hot[2], 5.0)])
+    assert risk == pytest.approx(0.8 * 0.75 + 0.2 * 0.25) and death
+    # the words follow the written number even when the likelier words point the other way
+    death, risk = G._marginal([_branch(True, 0.6, one_hot[5], 0.0), _branch(False, 0.4, one_hot[3], 0.0)])
+    assert risk == pytest.approx(0.42) and not death
+    # at the rounding edge the words follow the number as written: 0.4996 reads 0.50 → death
+    death, risk = G._marginal([_branch(True, 0.5, one_hot[4], 9.96), _branch(False, 0.5, one_hot[4], 9.96)])
+    assert f"{risk:.2f}" == "0.50" and death
+
+
+def test_verdict_readout_restricts_the_risk_to_the_likelier_verdicts_side() -> None:
+    p1 = [0.1] * 10
+    death, risk = G._verdict_first([_branch(True, 0.3, p1, 0.0), _branch(False, 0.7, p1, 0.0)])
+    assert not death and risk == pytest.approx(0.2)  # mean of 0.0 .. 0.4
+    with pytest.raises(ValueError, match="read-out"):
+        G._check_readout("median")

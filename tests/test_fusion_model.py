@@ -161,7 +161,7 @@ def test_reasoning_dataset_on_real_cohort(fusion_run: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path) -> None:
-    from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion
+    from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion, format_metrics
     from oncofm.fusion.llm import LLMSettings
     from oncofm.fusion.reasoning import read_dataset
     from oncofm.fusion.train import FusionSettings, train_fusion
@@ -185,6 +185,8 @@ def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path)
     assert losses[-1] < 0.7 * losses[0]  # the loss falls
     metrics = evaluate_fusion(EvaluateSettings(run=str(run), max_eval_patients=6, max_new_tokens=160))
     assert metrics["n_generated"] == 6
+    assert metrics["readout"] == "marginal" and len(metrics["auc_text_minus_omics_model"]) == 3
+    assert any("minus omics model" in line for line in format_metrics(metrics))
     gens = [line for line in (run / "models" / "fusion" / "generations.jsonl").read_text().splitlines() if line]
     assert len(gens) == 6
     assert metrics["parse_rate"] == 1.0, gens[:2]  # the prediction line is decoded under its grammar

@@ -64,13 +64,14 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         max_eval_patients: int = typer.Option(0, help="Cap on patients generated (0 = all labelled)."),
         threads: int = typer.Option(0, help="torch CPU threads (0 = default)."),
         max_new_tokens: int = typer.Option(200, help="Generation limit (targets are up to ~180 SmolLM2 tokens)."),
+        readout: str = typer.Option("marginal", help="Prediction-line read-out: marginal | verdict (docs/fusion.md)."),
     ) -> None:
         """Generate explanations for a split and score parse rate, AUC, faithfulness, perplexity."""
         from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion, format_metrics
 
         metrics = evaluate_fusion(EvaluateSettings.build(run=str(run), split=split,
                                                          max_eval_patients=max_eval_patients, threads=threads,
-                                                         max_new_tokens=max_new_tokens))
+                                                         max_new_tokens=max_new_tokens, readout=readout))
         for line in format_metrics(metrics):
             typer.echo(line)
 

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,8 @@ class EvaluateSettings(StageSettings):
     batch_size: int = Field(16, ge=1)
     threads: int = Field(0, ge=0)
     precision: str = Field("auto", description="generation dtype: auto (bf16 where native) | fp32 | bf16")
+    readout: Literal["marginal", "verdict"] = Field("marginal", description="how the prediction line is read out of the LLM: marginal | "
+                         "verdict (oncofm.fusion.generate.READOUTS)")
     timed_alone: int = Field(5, ge=0, description="patients also explained one at a time through the product "
                                                  "path, to time one explanation (median and max reported)")
     seed: int = 0
@@ -58,6 +60,14 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
     from oncofm.fusion.reasoning import _auc as auc
 
     return auc(np.asarray(y, float), np.asarray(s, float)) if len(y) else float("nan")
+
+
+def _paired(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> list[float]:
+    from oncofm.survival.metrics import paired_auc_difference
+
+    if not len(y) or not np.isfinite(b).all():
+        return [float("nan")] * 3
+    return list(paired_auc_difference(y, a, b, n_boot=2000))
 
 
 def base_perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
@@ -147,7 +157,7 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
     items = fusion_items(tokenizer, records, settings.run, with_target=False, dims=(cfg["d_omics"], cfg["d_slide"]))
     t0 = time.perf_counter()
     texts = generate_texts(model, tokenizer, items, max_new_tokens=settings.max_new_tokens,
-                           batch_size=settings.batch_size)
+                           batch_size=settings.batch_size, readout=settings.readout)
     gen_seconds = time.perf_counter() - t0
     single = _one_explanation_seconds(settings, records[: settings.timed_alone])
 
@@ -174,12 +184,17 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
     head = pd.read_parquet(layout.reasoning_dir / HEAD_FILE).set_index("patient_id")["prob"]
     omics, slide = _model_probs(layout, "omics"), _model_probs(layout, "slide")
     has_slide = np.array([i in slide.index for i in ids])
+    head_p = head.reindex(ids).to_numpy()
+    omics_p = omics.reindex(ids).fillna(0.5).to_numpy() if len(omics) else np.full(len(ids), np.nan)
     metrics: dict[str, Any] = {
         "split": settings.split, "n_generated": len(rows), "n_parsed": int(parsed.sum()),
         "parse_rate": float(parsed.mean()) if len(rows) else float("nan"),
         "auc_text": _auc(y, risk), "auc_text_parsed_only": _auc(y[parsed], risk[parsed]),
-        "auc_fused_head": _auc(y, head.reindex(ids).to_numpy()),
-        "auc_omics_model": _auc(y, omics.reindex(ids).fillna(0.5).to_numpy()) if len(omics) else float("nan"),
+        "auc_fused_head": _auc(y, head_p),
+        "auc_omics_model": _auc(y, omics_p) if len(omics) else float("nan"),
+        # the cost of putting the number into words, paired over the same patients: [difference, lo, hi]
+        "auc_text_minus_fused_head": _paired(y, risk, head_p),
+        "auc_text_minus_omics_model": _paired(y, risk, omics_p),
         "auc_slide_model_on_patients_with_slide": _auc(y[has_slide], slide.reindex(ids).to_numpy()[has_slide]),
         "n_with_slide": int(has_slide.sum()),
         "outcome_word_accuracy": float(np.mean([r["death"] == bool(r["label"]) for r in rows if r["parsed"]]))
@@ -191,6 +206,7 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
         "seconds_one_explanation": float(np.median(single)) if single else float("nan"),
         "seconds_one_explanation_max": max(single, default=float("nan")),
         "n_timed_alone": len(single),
+        "readout": settings.readout,
         "generation_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "train": {k: cfg.get(k) for k in ("n_train_patients", "n_val_patients", "best_epoch", "best_val_loss",
                                           "epochs_run", "train_seconds", "trainable_parameters")},
@@ -203,6 +219,10 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
     return metrics
 
 
+def _diff(d: list[float]) -> str:
+    return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+
+
 def format_metrics(m: dict[str, Any]) -> list[str]:
     """The metric lines printed by the CLI."""
     return [
@@ -210,6 +230,9 @@ def format_metrics(m: dict[str, Any]) -> list[str]:
         f"AUC parsed risk: {m['auc_text']:.3f} | fused-embedding head: {m['auc_fused_head']:.3f} | "
         f"omics model: {m['auc_omics_model']:.3f} | slide model: {m['auc_slide_model_on_patients_with_slide']:.3f} "
         f"(n={m['n_with_slide']} with slide)",
+        *([f"AUC parsed risk minus fused head: {_diff(m['auc_text_minus_fused_head'])} | minus omics model: "
+           f"{_diff(m['auc_text_minus_omics_model'])} (paired bootstrap, 95 % CI)"]
+          if "auc_text_minus_omics_model" in m else []),
         f"outcome words correct: {m['outcome_word_accuracy']:.3f}",
         f"faithfulness: {m['faithfulness']:.3f} | named genes outside the evidence: {m['hallucinated_gene_rate']:.3f} "
         f"({m['genes_named']} genes, {m['directions']} directions, {m['numbers']} numbers checked)",

@@ -13,15 +13,22 @@ fine-tuned LLM alone, given the soft tokens, the prompt and its own reasoning:
    and the closing sentence of the reasoning (the templates' verdict, e.g. "On balance, the risk of death
    within 5 years is elevated." / "On balance, survival beyond 5 years is the likelier outcome.") is the
    one of the same phrasing for that outcome;
-2. the verdict: for each outcome the LLM scores closing sentence + ``Prediction:`` + outcome words (sum of
-   token log-probabilities, after the reasoning without its closing sentence) plus the log of the
-   probability it gives, after ``(risk 0.``, to a first decimal on that outcome's side of 0.5; the likelier
-   verdict is written;
-3. the risk number: the LLM's distribution over the ten digit tokens, restricted to that side, gives the
-   first decimal, and after each allowed first decimal ``d`` its distribution of the second; the risk written
-   is the expectation ``sum_d p(d) (d / 10 + sum_e p(e | d) e / 100)`` — the number the model would write,
-   without the rounding that greedy decoding would impose on it. (Picked on the validation split over the
-   second decimal after the likeliest first only: AUC 0.7885 vs 0.7855, docs/fusion.md.)
+2. both outcomes scored: for each, the LLM's log-probability of closing sentence + ``Prediction:`` + outcome
+   words (after the reasoning without its closing sentence), then after `` (risk 0.`` its distribution
+   ``p(d)`` over the ten first decimals and, after each ``d``, the expected second decimal ``E[e | d]`` (all
+   ten in one forward pass, :func:`_second_decimals`); an outcome's expected risk is
+   ``sum_d p(d) (d / 10 + E[e | d] / 100)`` — the number the model would write, without the rounding that
+   greedy decoding would impose on it;
+3. the read-out (``readout``, :data:`READOUTS`):
+
+   - ``marginal`` (default): the risk is the two outcomes' expected risks weighted by the probability of
+     their words, ``P(death words) E[risk | death] + P(alive words) E[risk | alive]``; the words then follow
+     the number (death iff it reads 0.50 or more), so they cannot contradict it;
+   - ``verdict`` (before 2026-11-30): the likelier verdict first (words + the probability of a first decimal
+     on their side of 0.5), then the expected risk restricted to that side.
+
+   ``marginal`` was picked on the validation split (278 patients, no test data): AUC of the written risk
+   0.7910 vs 0.7874 for ``verdict`` (docs/fusion.md).
 
 The verdict's forward passes reuse the KV cache of the reasoning (:class:`_Prefix`), so they cost a few
 passes over 1–20 tokens, not passes over the whole ~600-token sequence.
@@ -186,39 +193,49 @@ def greedy_lookup(model: FusionLLM, tokenizer: Any, context: torch.Tensor, conte
     return out[:max_new_tokens], cache
 
 
-def outcome_branch(model: FusionLLM, tokenizer: Any, prefix: _Prefix, verdict: str
-                   ) -> tuple[float, torch.Tensor, list[int]]:
-    """Score ``verdict`` (closing sentence, ``Prediction:``, outcome words) after ``prefix``: returns
-    ``(log P(verdict | prefix), p (10,) of the first decimal after `` (risk 0.``, the ids fed)``. The
-    prefix cache is left as it was."""
+def _second_decimals(model: FusionLLM, cache: Any, digits: list[int]) -> torch.Tensor:
+    """``E[second decimal | first decimal d]`` for d = 0..9 after what ``cache`` holds (ending in ``0.``):
+    one forward pass over the ten digit tokens side by side (the cache repeated over ten rows). The cache
+    is left one row wide again, holding one position more (cut it back)."""
+    dev = next(model.parameters()).device
+    cache.batch_repeat_interleave(len(digits))
+    try:
+        out = model.llm(input_ids=torch.tensor(digits, device=dev)[:, None], cache=cache, use_cache=True)
+    finally:
+        cache.batch_select_indices(torch.tensor([0], device=dev))
+    p2 = torch.softmax(out.logits[:, -1, digits].float(), dim=-1)  # (10 first decimals, 10 second)
+    return p2 @ torch.arange(10, dtype=torch.float32, device=p2.device)
+
+
+@dataclass
+class _Branch:
+    """One outcome's prediction line scored after the reasoning."""
+
+    death: bool
+    verdict: str  # closing sentence + "\nPrediction: " + outcome words
+    log_p: float  # log P(verdict | prefix)
+    p1: torch.Tensor  # (10,) first decimal after " (risk 0."
+    e2: torch.Tensor  # (10,) expected second decimal after each first decimal
+
+    def risk(self, allowed: range = range(10)) -> float:
+        """``sum_d p(d) (d / 10 + E[e | d] / 100)`` over the ``allowed`` first decimals (p renormalised)."""
+        idx = list(allowed)
+        p = self.p1[idx] / self.p1[idx].sum().clamp_min(1e-12)
+        return float((p * (torch.tensor(idx, dtype=torch.float32) / 10 + self.e2[idx] / 100)).sum())
+
+
+def outcome_branch(model: FusionLLM, tokenizer: Any, prefix: _Prefix, verdict: str, death: bool) -> _Branch:
+    """Score ``verdict`` (closing sentence, ``Prediction:``, outcome words) after ``prefix``, and the risk
+    digits after it and `` (risk 0.``. Three forward passes; the prefix cache is left as it was."""
     scored = _ids(tokenizer, verdict)
     ids = scored + _ids(tokenizer, " (risk 0.")
+    digits = list(_digit_ids(tokenizer))
     logits = torch.cat([prefix.next_logits[None], _feed(model, prefix.cache, ids)])  # (1 + m, V)
+    e2 = _second_decimals(model, prefix.cache, digits)
     _crop(prefix.cache, prefix.length)
     logp = torch.log_softmax(logits[: len(scored)], dim=-1)  # predictions of the verdict tokens
-    l_verdict = float(logp[torch.arange(len(scored)), torch.tensor(scored)].sum())
-    return l_verdict, torch.softmax(logits[-1, list(_digit_ids(tokenizer))], dim=0), ids
-
-
-def expected_risk(model: FusionLLM, tokenizer: Any, prefix: _Prefix, ids: list[int], p1: torch.Tensor,
-                  allowed: range = range(10)) -> float:
-    """The expected risk the LLM writes after ``prefix`` + ``ids`` (ending in ``(risk 0.``), whose
-    first-decimal distribution is ``p1``: ``sum_d p(d) (d / 10 + sum_e p(e | d) e / 100)`` over the
-    ``allowed`` first decimals (p renormalised on them)."""
-    digits = list(_digit_ids(tokenizer))
-    values = torch.arange(10, dtype=torch.float32)
-    keep = torch.zeros(10)
-    keep[list(allowed)] = 1.0
-    p1 = p1 * keep / (p1 * keep).sum().clamp_min(1e-12)
-    _feed(model, prefix.cache, ids)
-    base = prefix.cache.get_seq_length()
-    risk = 0.0
-    for d in allowed:
-        p2 = torch.softmax(_feed(model, prefix.cache, [digits[d]])[-1, digits], dim=0)
-        _crop(prefix.cache, base)
-        risk += float(p1[d]) * (d / 10 + float((p2 * values).sum()) / 100)
-    _crop(prefix.cache, prefix.length)
-    return risk
+    log_p = float(logp[torch.arange(len(scored)), torch.tensor(scored)].sum())
+    return _Branch(death, verdict, log_p, torch.softmax(logits[-1, digits], dim=0), e2)
 
 
 #: the grammar of the prediction line: "death" goes with a risk of at least 0.5, "alive" with less
@@ -240,7 +257,8 @@ def split_closing(reasoning: str) -> tuple[str, int | None]:
 
 @torch.no_grad()
 def constrained_prediction(model: FusionLLM, tokenizer: Any, context: torch.Tensor, context_ids: list[int],
-                           reasoning: str, *, generated: list[int] | None = None, cache: Any = None) -> str:
+                           reasoning: str, *, generated: list[int] | None = None, cache: Any = None,
+                           readout: str = "marginal") -> str:
     """``reasoning`` + the prediction line decoded under its grammar (see the module docstring).
 
     ``context`` (n, H) embeddings of soft tokens + prompt, ``context_ids`` the prompt's ids; ``generated`` and
@@ -249,6 +267,7 @@ def constrained_prediction(model: FusionLLM, tokenizer: Any, context: torch.Tens
     from oncofm.fusion.parse import format_prediction
     from oncofm.fusion.templates import CLOSINGS
 
+    _check_readout(readout)
     body, closing = split_closing(reasoning)
     body_ids = _ids(tokenizer, body) if body else []
     reusable = 0
@@ -257,19 +276,41 @@ def constrained_prediction(model: FusionLLM, tokenizer: Any, context: torch.Tens
         while reusable < limit and body_ids[reusable] == generated[reusable]:
             reusable += 1
     prefix = _prefix(model, context, context_ids[-1], body_ids, cache, reusable)
-    best = None
+    branches = []
     for death in (True, False):
         words = OUTCOMES[0] if death else OUTCOMES[1]
         verdict = (" " + CLOSINGS[closing][0 if death else 1] if closing is not None else "")
         verdict = (verdict + "\n" if body or verdict else "") + f"Prediction: {words}"
-        l_verdict, p1, ids = outcome_branch(model, tokenizer, prefix, verdict)
-        side = float(p1[list(ALLOWED_FIRST_DECIMAL[death])].sum())
-        score = l_verdict + math.log(max(side, 1e-12))  # log P(verdict, a risk on its side of 0.5)
-        if best is None or score > best[0]:
-            best = (score, death, p1, ids, verdict)
-    _, death, p1, ids, verdict = best
-    risk = expected_risk(model, tokenizer, prefix, ids, p1, ALLOWED_FIRST_DECIMAL[death])
+        branches.append(outcome_branch(model, tokenizer, prefix, verdict, death))
+    death, risk = READOUTS[readout](branches)
+    verdict = next(b.verdict for b in branches if b.death == death)
     return (body + verdict.rsplit("Prediction:", 1)[0] + format_prediction(death, risk)).strip()
+
+
+def _marginal(branches: list[_Branch]) -> tuple[bool, float]:
+    """The risk the LLM writes, whichever outcome it writes: the two outcomes' expected risks weighted by
+    the probability of their words; the words then follow the number (death iff it reads 0.50 or more)."""
+    w = torch.softmax(torch.tensor([b.log_p for b in branches]), dim=0)
+    risk = float(sum(float(wi) * b.risk() for wi, b in zip(w, branches, strict=True)))
+    return round(risk, 2) >= 0.5, risk
+
+
+def _verdict_first(branches: list[_Branch]) -> tuple[bool, float]:
+    """The likelier verdict (its words and a risk on its side of 0.5), then the expected risk on that side."""
+    def score(b: _Branch) -> float:  # log P(verdict, a risk on its side of 0.5)
+        return b.log_p + math.log(max(float(b.p1[list(ALLOWED_FIRST_DECIMAL[b.death])].sum()), 1e-12))
+
+    best = max(branches, key=score)
+    return best.death, best.risk(ALLOWED_FIRST_DECIMAL[best.death])
+
+
+#: how the prediction line is read out of the two scored outcomes (module docstring)
+READOUTS = {"marginal": _marginal, "verdict": _verdict_first}
+
+
+def _check_readout(readout: str) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"unknown prediction read-out {readout!r}; choose one of {sorted(READOUTS)}")
 
 
 def cut_after_prediction(text: str) -> str:
@@ -280,19 +321,20 @@ def cut_after_prediction(text: str) -> str:
 
 @torch.no_grad()
 def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *, max_new_tokens: int = 200,
-                   batch_size: int = 8, progress: bool = True, constrained: bool = True, draft: int = 16
-                   ) -> list[str]:
+                   batch_size: int = 8, progress: bool = True, constrained: bool = True, draft: int = 16,
+                   readout: str = "marginal") -> list[str]:
     """Greedy explanations for ``items`` (their prompts; targets ignored).
 
     ``batch_size`` 1 decodes each row with lookup drafts of up to ``draft`` tokens (:func:`greedy_lookup`,
     the product path; ``draft=0`` is plain greedy decoding, one token per forward pass); larger batches go
     through ``transformers``' batched ``generate``. ``constrained`` decodes the final
-    prediction line under its grammar (module docstring).
+    prediction line under its grammar, read out as ``readout`` (``marginal`` or ``verdict``, module docstring).
     """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from oncofm.logging_utils import track
 
+    _check_readout(readout)
     inner = PredictionStartStop(tokenizer) if constrained else PredictionLineStop(tokenizer)
 
     class _Stop(StoppingCriteria):
@@ -304,7 +346,8 @@ def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *,
 
     def finish(row: torch.Tensor, it: FusionItem, text: str, **reuse: Any) -> str:
         if constrained:
-            return constrained_prediction(model, tokenizer, row, it.prompt_ids, reasoning_part(text), **reuse)
+            return constrained_prediction(model, tokenizer, row, it.prompt_ids, reasoning_part(text),
+                                          readout=readout, **reuse)
         return cut_after_prediction(text)
 
     model.eval()

@@ -28,6 +28,7 @@ torch.Size([2, 192])
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -255,14 +256,25 @@ class _MBConv(nn.Module):
         return x + h if self.residual else h
 
 
+#: the feature read-outs of EfficientNet-Lite0: which outputs are globally averaged and concatenated
+#: (stage numbers 1-7 of ``_LITE0_STAGES``, or "head" = the 1280-channel head before the classifier)
+EFFNET_LAYERS: dict[str, tuple[int | str, ...]] = {"head": ("head",), "multiscale": (4, 5, 6, 7)}
+
+
 class EfficientNetLite0Encoder(PatchEncoder):
-    """EfficientNet-Lite0; features = global average of the 1280-channel head (before the classifier)."""
+    """EfficientNet-Lite0; features = global average of the 1280-channel head (before the classifier), or
+    with ``layers="multiscale"`` the global averages of stages 4-7 concatenated (80 + 112 + 192 + 320 = 704):
+    mid-level texture features, as CLAM truncates its ImageNet ResNet-50 after the third stage."""
 
     name = "efficientnet-lite0"
 
-    def __init__(self, input_size: int = 224) -> None:
+    def __init__(self, input_size: int = 224, layers: str = "head") -> None:
+        if layers not in EFFNET_LAYERS:
+            raise ValueError(f"unknown EfficientNet-Lite0 layers {layers!r}; choose one of {sorted(EFFNET_LAYERS)}")
+        self.layers = EFFNET_LAYERS[layers]
+        widths = {i + 1: st[5] for i, st in enumerate(_LITE0_STAGES)} | {"head": 1280}
         # the TF-Lite models take inputs scaled to [-1, 1]
-        super().__init__(1280, input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        super().__init__(sum(widths[k] for k in self.layers), input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, padding=1, bias=False)
         self._bn0 = _bn(32)
         blocks = []
@@ -275,15 +287,25 @@ class EfficientNetLite0Encoder(PatchEncoder):
         self._fc = nn.Linear(1280, 1000)  # ImageNet classifier, kept for weight loading; unused by features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pooled(x, self.layers)
+
+    def _pooled(self, x: torch.Tensor, layers: tuple[int | str, ...]) -> torch.Tensor:
+        # number of blocks run -> the stage they complete
+        ends = dict(zip(itertools.accumulate(st[0] for st in _LITE0_STAGES), range(1, 8), strict=True))
+        pooled = []
         h = nn.functional.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for i, block in enumerate(self._blocks, start=1):
             h = block(h)
-        h = nn.functional.relu6(self._bn1(self._conv_head(h)))  # (B, 1280, h, w)
-        return h.mean(dim=(2, 3))  # (B, 1280)
+            if ends.get(i) in layers:
+                pooled.append(h.mean(dim=(2, 3)))  # (B, channels of that stage)
+        if "head" in layers:
+            h = nn.functional.relu6(self._bn1(self._conv_head(h)))  # (B, 1280, h, w)
+            pooled.append(h.mean(dim=(2, 3)))  # (B, 1280)
+        return torch.cat(pooled, dim=1)  # (B, dim)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet class logits (B, 1000), for checking the weights."""
-        return self._fc(self.features(self.prepare(x)))
+        return self._fc(self._pooled(self.prepare(x), ("head",)))
 
 
 def efficientnet_lite0_weights_path() -> Path:
@@ -297,9 +319,9 @@ def efficientnet_lite0_weights_path() -> Path:
 
 
 @register_encoder("efficientnet-lite0")
-def _build_effnet(input_size: int = 224, pretrained: bool = True, weights: str | Path | None = None
-                  ) -> EfficientNetLite0Encoder:
-    enc = EfficientNetLite0Encoder(input_size=input_size)
+def _build_effnet(input_size: int = 224, pretrained: bool = True, weights: str | Path | None = None,
+                  layers: str = "head") -> EfficientNetLite0Encoder:
+    enc = EfficientNetLite0Encoder(input_size=input_size, layers=layers)
     if pretrained or weights:
         path = Path(weights) if weights else efficientnet_lite0_weights_path()
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -30,7 +30,7 @@ from oncofm.survival.endpoints import horizon_days, horizon_label
 
 log = logging.getLogger(__name__)
 
-__all__ = ["auc_score", "bootstrap_auc", "harrell_c_index", "td_auc", "ipcw_brier", "evaluate_predictions",
+__all__ = ["auc_score", "bootstrap_auc", "paired_auc_difference", "harrell_c_index", "td_auc", "ipcw_brier", "evaluate_predictions",
            "SurvivalTargets", "POOLED"]
 
 POOLED = "pooled"
@@ -74,6 +74,28 @@ def bootstrap_auc(y: npt.ArrayLike, score: npt.ArrayLike, *, n_boot: int = 1000,
     boot = boot[np.isfinite(boot)]
     alpha = (1 - level) / 2
     return point, float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
+
+
+def paired_auc_difference(y: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike, *, n_boot: int = 2000,
+                          seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``AUC(a) - AUC(b)`` on the same patients and its paired percentile-bootstrap CI (each resample scores
+    both on the same patients, so what they share cancels). Returns ``(difference, lo, hi)``."""
+    y = np.asarray(y, dtype=float)
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not (len(y) == len(a) == len(b)):
+        raise ValueError(f"labels and scores differ in length: {len(y)}, {len(a)}, {len(b)}")
+    point = auc_score(y, a) - auc_score(y, b)
+    if np.isnan(point) or min(y.sum(), len(y) - y.sum()) < 2 or n_boot < 1:
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, n_boot, 250):
+        idx = rng.integers(0, len(y), size=(min(250, n_boot - start), len(y)))
+        diffs.append(_auc_rows(y[idx], a[idx]) - _auc_rows(y[idx], b[idx]))
+    boot = np.concatenate(diffs)
+    boot = boot[np.isfinite(boot)]
+    alpha = (1 - level) / 2
+    return float(point), float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
 
 
 def harrell_c_index(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike) -> float:
