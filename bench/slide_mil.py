@@ -230,6 +230,26 @@ def standardise(feats: dict, train: list[str]) -> dict:
     return {k: ((f - mu) / sd, c) for k, (f, c) in feats.items()}
 
 
+def remove_preparation_axis(feats: dict, slides: list[dict], manifest: pd.DataFrame) -> tuple[dict, float]:
+    """Project out of every patch feature the one direction along which the training slides' *background*
+    patches differ between frozen-section and FFPE sources (covariance of the slide-mean background feature
+    with the slide's share of frozen background sources; from source metadata, never from the labels).
+    Returns the features and the correlation of that axis with the frozen share on the training slides."""
+    rows, share = [], []
+    for x in slides:
+        if x["split"] != "train":
+            continue
+        f, c = feats[x["slide"]]
+        bg = planted_per_patch(c, x["region"]) == 0
+        rows.append(f[bg].mean(0))
+        share.append(np.mean([_frozen(b, manifest) for b in x["sources"][:2]]))
+    m, z = np.array(rows), np.array(share)
+    u = ((m - m.mean(0)) * (z - z.mean())[:, None]).sum(0)
+    u /= np.linalg.norm(u) + 1e-12
+    r = float(np.corrcoef(m @ u, z)[0, 1])
+    return {k: (f - np.outer(f @ u, u), c) for k, (f, c) in feats.items()}, r
+
+
 def neighbour_mean(f: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Mean feature of each patch's 3 x 3 neighbourhood (itself and the tissue patches around it)."""
     cells = {tuple(c): i for i, c in enumerate(coords // CELL)}
@@ -393,6 +413,8 @@ def main() -> None:
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--context", action="store_true", help="append each patch's 3x3-neighbourhood mean feature")
+    ap.add_argument("--remove-frozen-axis", action="store_true",
+                    help="project out the feature axis of frozen vs FFPE backgrounds (training slides' metadata)")
     ap.add_argument("--encoders", default="efficientnet-lite0,swin-cpu")
     ap.add_argument("--planted", choices=sorted(PLANTED), default="brain", help="tissue planted in positives")
     args = ap.parse_args()
@@ -441,6 +463,10 @@ def main() -> None:
                                   slide_mpp=MPP)  # cached: reused when slides, tiles and encoder are the same
             feats[x["slide"]] = load_features(h5)
         feats = standardise(feats, [x["slide"] for x in slides if x["split"] == "train"])
+        if args.remove_frozen_axis:
+            feats, r = remove_preparation_axis(feats, slides, manifest)
+            print(f"  {enc_name}: frozen/FFPE axis removed (its correlation with the frozen share on training "
+                  f"slides: {r:.2f})")
         if args.context:
             feats = {k: (np.concatenate([f, neighbour_mean(f, c)], axis=1), c) for k, (f, c) in feats.items()}
         probes[enc_name] = linear_probe(slides, feats)
