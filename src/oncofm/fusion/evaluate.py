@@ -49,8 +49,8 @@ class EvaluateSettings(StageSettings):
     batch_size: int = Field(16, ge=1)
     threads: int = Field(0, ge=0)
     precision: str = Field("auto", description="generation dtype: auto (bf16 where native) | fp32 | bf16")
-    readout: Literal["marginal", "verdict"] = Field("marginal", description="how the prediction line is read out of the LLM: marginal | "
-                         "verdict (oncofm.fusion.generate.READOUTS)")
+    readout: Literal["marginal", "verdict"] = Field(
+        "marginal", description="how the prediction line is read out of the LLM (oncofm.fusion.generate.READOUTS)")
     timed_alone: int = Field(5, ge=0, description="patients also explained one at a time through the product "
                                                  "path, to time one explanation (median and max reported)")
     seed: int = 0

@@ -271,10 +271,11 @@ class EfficientNetLite0Encoder(PatchEncoder):
     def __init__(self, input_size: int = 224, layers: str = "head") -> None:
         if layers not in EFFNET_LAYERS:
             raise ValueError(f"unknown EfficientNet-Lite0 layers {layers!r}; choose one of {sorted(EFFNET_LAYERS)}")
-        self.layers = EFFNET_LAYERS[layers]
+        chosen = EFFNET_LAYERS[layers]
         widths = {i + 1: st[5] for i, st in enumerate(_LITE0_STAGES)} | {"head": 1280}
         # the TF-Lite models take inputs scaled to [-1, 1]
-        super().__init__(sum(widths[k] for k in self.layers), input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        super().__init__(sum(widths[k] for k in chosen), input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.layers = chosen
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, padding=1, bias=False)
         self._bn0 = _bn(32)
         blocks = []
