@@ -278,43 +278,81 @@ def linear_probe(slides: list[dict], feats: dict) -> float:
     return auc_score(y_test, clf.decision_function(x_test))
 
 
+def fit_mil(agg_name: str, train: object, val: object, run_dir: Path, epochs: int, seed: int,
+            instance_weight: float = 0.0, hidden: int = 32, weight_decay: float = 5e-2, instance_k: int = 1
+            ) -> tuple[object, object]:
+    """One regularised MIL model (hidden 32, dropout 0.25, weight decay, early stopping on ``val``'s AUC)
+    trained with the shared loop; returns ``(model, fit result)``."""
+    import shutil
+
+    import torch
+
+    from oncofm.pathology.mil import create_aggregator
+    from oncofm.pathology.slide_model import SlideClassifier, SlideTask, collate_bags
+    from oncofm.training import TrainSettings, fit
+
+    torch.manual_seed(seed)
+    model = SlideClassifier(create_aggregator(agg_name, train.bags[0].shape[1], hidden=hidden, dropout=0.25))
+    settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=weight_decay, patience=8,
+                             monitor="val_auc", mode="max", seed=seed, device="cpu", progress=False, resume=False)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result = fit(model, train, val, SlideTask(instance_weight=instance_weight, instance_k=instance_k), settings,
+                 run_dir, collate_fn=collate_bags)
+    return model, result
+
+
+def source_cv_auc(agg_name: str, slides: list[dict], feats: dict, out: Path, epochs: int, seed: int,
+                  instance_weight: float = 1.0, drop: float = 0.4) -> tuple[float, dict[str, float]]:
+    """Leave-one-planted-source-out cross-validation on the training + validation slides (never the test
+    slides): for each training brain source, the positives planted from it and a third of the negatives are
+    held out; a model is trained on the rest (early stopping on a random fifth of it) and scored on the held-out
+    slides. Unlike the validation slides, which share the training sources, this sees a shift to an unseen
+    planted source. Returns (mean AUC over the folds, AUC per held-out source)."""
+    from oncofm.pathology.slide_model import FeatureBagDataset, predict_bags
+    from oncofm.survival.metrics import auc_score
+
+    pool = [x for x in slides if x["split"] in ("train", "val")]
+    planted = sorted({x["sources"][2] for x in pool if x["label"]})
+    neg = [x["slide"] for x in pool if not x["label"]]
+    rng = np.random.default_rng(seed)
+    neg_fold = {name: i % len(planted) for i, name in enumerate(rng.permutation(neg))}
+
+    def bags(xs: list[dict], dropout: float = 0.0) -> FeatureBagDataset:
+        return FeatureBagDataset([feats[x["slide"]][0] for x in xs], [x["label"] for x in xs], drop=dropout)
+
+    aucs = {}
+    for k, src in enumerate(planted):
+        held = [x for x in pool if (x["label"] and x["sources"][2] == src) or neg_fold.get(x["slide"]) == k]
+        held_names = {x["slide"] for x in held}
+        rest = [x for x in pool if x["slide"] not in held_names]
+        order = rng.permutation(len(rest))
+        inner_val = [rest[i] for i in order[: len(rest) // 5]]
+        inner_train = [rest[i] for i in order[len(rest) // 5:]]
+        model, _ = fit_mil(agg_name, bags(inner_train, drop), bags(inner_val), out / "train" / f"cv_{agg_name}_{k}",
+                           epochs, seed, instance_weight)
+        prob = [p["prob"] for p in predict_bags(model, bags(held))]
+        aucs[src] = auc_score(np.array([x["label"] for x in held]), np.array(prob))
+    return float(np.mean(list(aucs.values()))), aucs
+
+
 def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict, out: Path, epochs: int,
                seed: int, instance_weight: float = 0.0, n_seeds: int = 3, drop: float = 0.4, hidden: int = 32,
                weight_decay: float = 5e-2, instance_k: int = 1) -> dict:
     """Train ``n_seeds`` regularised models (instance dropout, hidden 32, weight decay, early stopping on the
     validation AUC) and average their test predictions and attention (an ensemble; validation numbers are the
     ensemble's too)."""
-    import shutil
-
-    import torch
-
-    from oncofm.pathology.mil import create_aggregator
-    from oncofm.pathology.slide_model import (
-        FeatureBagDataset,
-        SlideClassifier,
-        SlideTask,
-        collate_bags,
-        predict_bags,
-    )
+    from oncofm.pathology.slide_model import FeatureBagDataset, predict_bags
     from oncofm.survival.metrics import auc_score, bootstrap_auc
-    from oncofm.training import TrainSettings, fit
 
     by = {s: [x for x in slides if x["split"] == s] for s in ("train", "val", "test")}
     ds = {s: FeatureBagDataset([feats[x["slide"]][0] for x in v], [x["label"] for x in v],
                                drop=drop if s == "train" else 0.0) for s, v in by.items()}
-    dim = ds["train"].bags[0].shape[1]
     runs = []
     for k in range(n_seeds):
-        torch.manual_seed(seed + k)
-        model = SlideClassifier(create_aggregator(agg_name, dim, hidden=hidden, dropout=0.25))
-        settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=weight_decay, patience=8,
-                                 monitor="val_auc", mode="max", seed=seed + k, device="cpu", progress=False,
-                                 resume=False)
         run_dir = out / "train" / f"{encoder_name}_{agg_name}_iw{instance_weight:g}_s{k}"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        result = fit(model, ds["train"], ds["val"], SlideTask(instance_weight=instance_weight, instance_k=instance_k), settings, run_dir,
-                     collate_fn=collate_bags)
+        model, result = fit_mil(agg_name, ds["train"], ds["val"], run_dir, epochs, seed + k, instance_weight,
+                                hidden, weight_decay, instance_k)
         runs.append((result, predict_bags(model, ds["val"]), predict_bags(model, ds["test"])))
 
     def ensemble(i: int) -> list[dict]:
@@ -413,6 +451,8 @@ def main() -> None:
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--context", action="store_true", help="append each patch's 3x3-neighbourhood mean feature")
+    ap.add_argument("--source-cv", action=argparse.BooleanOptionalAction, default=True,
+                    help="report leave-one-planted-source-out CV AUC on the training + validation slides")
     ap.add_argument("--remove-frozen-axis", action="store_true",
                     help="project out the feature axis of frozen vs FFPE backgrounds (training slides' metadata)")
     ap.add_argument("--encoders", default="efficientnet-lite0,swin-cpu")
@@ -470,6 +510,11 @@ def main() -> None:
         if args.context:
             feats = {k: (np.concatenate([f, neighbour_mean(f, c)], axis=1), c) for k, (f, c) in feats.items()}
         probes[enc_name] = linear_probe(slides, feats)
+        if args.source_cv:
+            w = float(args.instance_weights.split(",")[0])
+            cv, folds = source_cv_auc("gated-attention", slides, feats, out, args.epochs, args.seed, w)
+            print(f"  (source CV) {enc_name} + gated-attention: leave-one-planted-source-out AUC {cv:.3f} "
+                  f"({', '.join(f'{k} held out {a:.3f}' for k, a in folds.items())})")
         timings[f"features {enc_name}"] = time.perf_counter() - t1
         for agg in ("gated-attention", "mean"):
             tried = [run_config(enc_name, agg, slides, feats, out, args.epochs, args.seed, float(w), args.seeds)

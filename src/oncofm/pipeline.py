@@ -27,8 +27,11 @@ TIMINGS_FILE = "demo_timings.json"
 
 # Demo-sized settings (the stages' own defaults are for full cohorts): the whole demo must finish in
 # about 30 minutes on a 2-core CPU, so the LLM is fine-tuned on a seeded sample of training patients for
-# one epoch and evaluated on a sample of test patients. Every other stage uses its defaults.
+# one epoch and evaluated on a sample of test patients, one of them also timed alone (the demo's barely
+# trained LLM writes to the token limit, so each timed explanation costs ~20 s). Every other stage uses its
+# defaults.
 DEMO_FUSION = {"max_train_patients": 96, "max_val_patients": 16, "max_eval_patients": 16}
+DEMO_TIMED_ALONE = 1
 
 
 class StageUnavailable(Exception):  # noqa: N818 - a status, not an error
@@ -142,7 +145,8 @@ def stage_evaluate_fusion(run: Path, redo: bool) -> None:
     metrics_file = RunLayout(run).model_dir("fusion") / "metrics.json"
     if metrics_file.exists() and not redo:
         return
-    metrics = fn(settings_cls.build(run=str(run), max_eval_patients=DEMO_FUSION["max_eval_patients"]))
+    metrics = fn(settings_cls.build(run=str(run), max_eval_patients=DEMO_FUSION["max_eval_patients"],
+                                    timed_alone=DEMO_TIMED_ALONE))
     for line in fmt(metrics):
         log.info("fusion: %s", line)
 
