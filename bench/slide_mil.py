@@ -502,6 +502,7 @@ def main() -> None:
                                   encoder_name=enc_name,
                                   slide_mpp=MPP)  # cached: reused when slides, tiles and encoder are the same
             feats[x["slide"]] = load_features(h5)
+        timings[f"features {enc_name}"] = time.perf_counter() - t1
         feats = standardise(feats, [x["slide"] for x in slides if x["split"] == "train"])
         if args.remove_frozen_axis:
             feats, r = remove_preparation_axis(feats, slides, manifest)
@@ -515,7 +516,6 @@ def main() -> None:
             cv, folds = source_cv_auc("gated-attention", slides, feats, out, args.epochs, args.seed, w)
             print(f"  (source CV) {enc_name} + gated-attention: leave-one-planted-source-out AUC {cv:.3f} "
                   f"({', '.join(f'{k} held out {a:.3f}' for k, a in folds.items())})")
-        timings[f"features {enc_name}"] = time.perf_counter() - t1
         for agg in ("gated-attention", "mean"):
             tried = [run_config(enc_name, agg, slides, feats, out, args.epochs, args.seed, float(w), args.seeds)
                      for w in args.instance_weights.split(",")]
