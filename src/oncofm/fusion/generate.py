@@ -226,7 +226,7 @@ class _Branch:
 
 def outcome_branch(model: FusionLLM, tokenizer: Any, prefix: _Prefix, verdict: str, death: bool) -> _Branch:
     """Score ``verdict`` (closing sentence, ``Prediction:``, outcome words) after ``prefix``, and the risk
-    digits after it and `` (risk 0.``. Three forward passes; the prefix cache is left as it was."""
+    digits after it and `` (risk 0.``. Two forward passes; the prefix cache is left as it was."""
     scored = _ids(tokenizer, verdict)
     ids = scored + _ids(tokenizer, " (risk 0.")
     digits = list(_digit_ids(tokenizer))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,20 @@ def _auc_rows(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     return auc
 
 
+def _bootstrap_ci(n: int, stat: Callable[[np.ndarray], np.ndarray], n_boot: int, seed: int,
+                  level: float) -> tuple[float, float]:
+    """Percentile CI of ``stat(idx)`` over ``n_boot`` resamples of ``n`` patients with replacement;
+    ``stat`` maps (B, n) resample indices to (B,) values (NaN ones are dropped)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, n_boot, 250):  # chunks bound the memory of (B, n) arrays
+        values.append(stat(rng.integers(0, n, size=(min(250, n_boot - start), n))))
+    boot = np.concatenate(values)
+    boot = boot[np.isfinite(boot)]
+    alpha = (1 - level) / 2
+    return float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
+
+
 def bootstrap_auc(y: npt.ArrayLike, score: npt.ArrayLike, *, n_boot: int = 1000, seed: int = 0,
                   level: float = 0.95) -> tuple[float, float, float]:
     """AUC and its percentile-bootstrap CI (patients resampled with replacement).
@@ -65,15 +80,7 @@ def bootstrap_auc(y: npt.ArrayLike, score: npt.ArrayLike, *, n_boot: int = 1000,
     point = auc_score(y, s)
     if np.isnan(point) or min(y.sum(), len(y) - y.sum()) < 2 or n_boot < 1:
         return point, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    aucs = []
-    for start in range(0, n_boot, 250):  # chunks bound the memory of (B, n) arrays
-        idx = rng.integers(0, len(y), size=(min(250, n_boot - start), len(y)))
-        aucs.append(_auc_rows(y[idx], s[idx]))
-    boot = np.concatenate(aucs)
-    boot = boot[np.isfinite(boot)]
-    alpha = (1 - level) / 2
-    return point, float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
+    return (point, *_bootstrap_ci(len(y), lambda idx: _auc_rows(y[idx], s[idx]), n_boot, seed, level))
 
 
 def paired_auc_difference(y: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike, *, n_boot: int = 2000,
@@ -87,15 +94,11 @@ def paired_auc_difference(y: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike, 
     point = auc_score(y, a) - auc_score(y, b)
     if np.isnan(point) or min(y.sum(), len(y) - y.sum()) < 2 or n_boot < 1:
         return point, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for start in range(0, n_boot, 250):
-        idx = rng.integers(0, len(y), size=(min(250, n_boot - start), len(y)))
-        diffs.append(_auc_rows(y[idx], a[idx]) - _auc_rows(y[idx], b[idx]))
-    boot = np.concatenate(diffs)
-    boot = boot[np.isfinite(boot)]
-    alpha = (1 - level) / 2
-    return float(point), float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
+
+    def diff(idx: np.ndarray) -> np.ndarray:
+        return _auc_rows(y[idx], a[idx]) - _auc_rows(y[idx], b[idx])
+
+    return (float(point), *_bootstrap_ci(len(y), diff, n_boot, seed, level))
 
 
 def harrell_c_index(time: npt.ArrayLike, event: npt.ArrayLike, risk: npt.ArrayLike) -> float:
