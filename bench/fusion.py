@@ -70,11 +70,13 @@ def main() -> None:
 
     if not (Path(args.run) / "models" / "fusion" / "config.yaml").exists():
         return
-    from oncofm.fusion.explain import product_model
     from oncofm.fusion.generate import generate_texts
+    from oncofm.fusion.predict import FusionPredictor
+    from oncofm.paths import RunLayout
 
     recs = [r for r in records if r["split"] == "test" and r["label"] is not None][: args.patients]
-    fm, ftok, cfg = product_model(args.run)  # fp32, LoRA merged: what `oncofm explain` runs
+    predictor = FusionPredictor.from_run(RunLayout(args.run))  # fp32, LoRA merged: what `oncofm explain` runs
+    fm, ftok, cfg = predictor.model, predictor.tokenizer, predictor.config
     items = fusion_items(ftok, recs, args.run, with_target=False, dims=(cfg["d_omics"], cfg["d_slide"]))
     generate_texts(fm, ftok, items[:1], max_new_tokens=4, batch_size=1, progress=False)  # warm-up
     secs: dict[str, list[float]] = {"lookup drafts (product path)": [], "plain greedy": []}

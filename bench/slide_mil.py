@@ -9,9 +9,11 @@ The label is slide-level only. Source images used for training/validation slides
 disjoint (listed in the output).
 
 The slides then go through the real pipeline: ``tile_slide`` (tiles h5) → ``extract_features`` (frozen
-encoder, cached once) → ``SlideClassifier`` trained with the shared loop ``oncofm.training.fit`` (validation
-slides: early stopping on their AUC; instance dropout and an instance-level pseudo-label loss, see
-docs/slide_model.md) → test slides: slide AUC (bootstrap 95 % CI), localisation AUC of the attention against
+encoder, cached once) → the slide model of ``oncofm train slide --preset benchmark``
+(``SlideTrainSettings.preset("benchmark")`` built by the product's ``_build_model``: feature standardisation
+inside the model, hidden 32, instance dropout and an instance-level pseudo-label loss, see
+docs/slide_model.md) trained with the shared loop ``oncofm.training.fit`` (validation slides: early stopping
+on their AUC) → test slides: slide AUC (bootstrap 95 % CI), localisation AUC of the attention against
 the planted mask (mean over positive test slides), share of the 10 most attended patches inside the region.
 
 Run (about 6 minutes wall on 2 idle cores; 300 slides of 8 x 8 cells, 100 of them test slides; EfficientNet-Lite0
@@ -23,6 +25,7 @@ at 224 px, multiscale features)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -221,13 +224,27 @@ def top_share(scores: np.ndarray, mask: np.ndarray, k: int = 10) -> float:
     return float(mask[np.argsort(-scores)[:k]].mean())
 
 
-def standardise(feats: dict, train: list[str]) -> dict:
-    """Z-score every feature with the mean/std of the training slides' patches (fitted on train only).
+def standardise(feats: dict, train: list[str]) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    """Z-score every feature with the mean/std of the training slides' patches (fitted on train only), with
+    the statistics the product fits (``oncofm.pathology.slide_model.feature_stats``, as ``oncofm train slide``
+    with ``standardize_features``); returns the z-scored features (for the linear probe and the feature
+    options) and ``(mean, std)`` (for the slide model, which standardises its own input).
     (Projecting on the top 64 principal components was tried and dropped: the largest-variance directions
     are source differences, and the linear probe fell from 0.96 to 0.75.)"""
-    stack = np.concatenate([feats[s][0] for s in train])
-    mu, sd = stack.mean(0), stack.std(0) + 1e-6
-    return {k: ((f - mu) / sd, c) for k, (f, c) in feats.items()}
+    from oncofm.pathology.slide_model import feature_stats
+
+    mu, sd = feature_stats([feats[s][0] for s in train])
+    return {k: ((f - mu) / sd, c) for k, (f, c) in feats.items()}, (mu, sd)
+
+
+def bench_settings(encoder: str, encoder_options: dict, out: Path, epochs: int | None = None, **values: object
+                   ) -> object:
+    """The product's benchmark preset (``SlideTrainSettings.preset("benchmark")``) for one encoder; ``values``
+    override settings (e.g. ``aggregator``, ``instance_weight``)."""
+    from oncofm.pathology.slide_train import SlideTrainSettings
+
+    return SlideTrainSettings.preset("benchmark", run=str(out), encoder=encoder, encoder_options=encoder_options,
+                                     train={"epochs": epochs} if epochs else None, **values)
 
 
 def remove_preparation_axis(feats: dict, slides: list[dict], manifest: pd.DataFrame) -> tuple[dict, float]:
@@ -278,38 +295,50 @@ def linear_probe(slides: list[dict], feats: dict) -> float:
     return auc_score(y_test, clf.decision_function(x_test))
 
 
-def fit_mil(agg_name: str, train: object, val: object, run_dir: Path, epochs: int, seed: int,
-            instance_weight: float = 0.0, hidden: int = 32, weight_decay: float = 5e-2, instance_k: int = 1
-            ) -> tuple[object, object]:
-    """One regularised MIL model (hidden 32, dropout 0.25, weight decay, early stopping on ``val``'s AUC)
-    trained with the shared loop; returns ``(model, fit result)``."""
+def fit_mil(settings: object, train: object, val: object, run_dir: Path, seed: int,
+            stats: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[object, object]:
+    """One MIL model of ``settings`` (the product's ``_build_model``; with ``standardize_features`` it z-scores
+    its input with ``stats``) trained with the shared loop (early stopping on ``val``'s AUC, the preset's
+    optimisation settings); returns ``(model, fit result)``."""
     import shutil
 
     import torch
 
-    from oncofm.pathology.mil import create_aggregator
-    from oncofm.pathology.slide_model import SlideClassifier, SlideTask, collate_bags
+    from oncofm.pathology.slide_model import SlideTask, collate_bags
+    from oncofm.pathology.slide_train import _build_model
     from oncofm.training import TrainSettings, fit
 
     torch.manual_seed(seed)
-    model = SlideClassifier(create_aggregator(agg_name, train.bags[0].shape[1], hidden=hidden, dropout=0.25))
-    settings = TrainSettings(epochs=epochs, batch_size=8, lr=1e-3, weight_decay=weight_decay, patience=8,
-                             monitor="val_auc", mode="max", seed=seed, device="cpu", progress=False, resume=False)
+    model, _ = _build_model(settings, with_encoder=False, in_dim=train.bags[0].shape[1])
+    if settings.standardize_features:
+        model.set_feature_stats(*stats)
+    train_settings = TrainSettings.build(**{**settings.train.model_dump(), "seed": seed, "device": "cpu",
+                                            "progress": False, "resume": False})
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    result = fit(model, train, val, SlideTask(instance_weight=instance_weight, instance_k=instance_k), settings,
-                 run_dir, collate_fn=collate_bags)
+    result = fit(model, train, val, SlideTask(instance_weight=settings.instance_weight,
+                                              instance_k=settings.instance_k),
+                 train_settings, run_dir, collate_fn=collate_bags)
     return model, result
 
 
-def source_cv_auc(agg_name: str, slides: list[dict], feats: dict, out: Path, epochs: int, seed: int,
-                  instance_weight: float = 1.0, drop: float = 0.4) -> tuple[float, dict[str, float]]:
+def bag_dataset(settings: object, slides: list[dict], feats: dict, training: bool = False) -> object:
+    """Feature bags of ``slides`` as the product's training serves them: ``max_patches`` per bag (0: all)
+    and, for training bags, ``instance_drop``."""
+    from oncofm.pathology.slide_model import FeatureBagDataset
+
+    return FeatureBagDataset([feats[x["slide"]][0] for x in slides], [x["label"] for x in slides],
+                             sample=settings.max_patches or None, drop=settings.instance_drop if training else 0.0)
+
+
+def source_cv_auc(settings: object, slides: list[dict], feats: dict, out: Path, seed: int,
+                  stats: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, dict[str, float]]:
     """Leave-one-planted-source-out cross-validation on the training + validation slides (never the test
     slides): for each training brain source, the positives planted from it and a third of the negatives are
     held out; a model is trained on the rest (early stopping on a random fifth of it) and scored on the held-out
     slides. Unlike the validation slides, which share the training sources, this sees a shift to an unseen
     planted source. Returns (mean AUC over the folds, AUC per held-out source)."""
-    from oncofm.pathology.slide_model import FeatureBagDataset, predict_bags
+    from oncofm.pathology.slide_model import predict_bags
     from oncofm.survival.metrics import auc_score
 
     pool = [x for x in slides if x["split"] in ("train", "val")]
@@ -317,9 +346,6 @@ def source_cv_auc(agg_name: str, slides: list[dict], feats: dict, out: Path, epo
     neg = [x["slide"] for x in pool if not x["label"]]
     rng = np.random.default_rng(seed)
     neg_fold = {name: i % len(planted) for i, name in enumerate(rng.permutation(neg))}
-
-    def bags(xs: list[dict], dropout: float = 0.0) -> FeatureBagDataset:
-        return FeatureBagDataset([feats[x["slide"]][0] for x in xs], [x["label"] for x in xs], drop=dropout)
 
     aucs = {}
     for k, src in enumerate(planted):
@@ -329,30 +355,28 @@ def source_cv_auc(agg_name: str, slides: list[dict], feats: dict, out: Path, epo
         order = rng.permutation(len(rest))
         inner_val = [rest[i] for i in order[: len(rest) // 5]]
         inner_train = [rest[i] for i in order[len(rest) // 5:]]
-        model, _ = fit_mil(agg_name, bags(inner_train, drop), bags(inner_val), out / "train" / f"cv_{agg_name}_{k}",
-                           epochs, seed, instance_weight)
-        prob = [p["prob"] for p in predict_bags(model, bags(held))]
+        model, _ = fit_mil(settings, bag_dataset(settings, inner_train, feats, training=True),
+                           bag_dataset(settings, inner_val, feats), out / "train" / f"cv_{settings.aggregator}_{k}",
+                           seed, stats)
+        prob = [p["prob"] for p in predict_bags(model, bag_dataset(settings, held, feats))]
         aucs[src] = auc_score(np.array([x["label"] for x in held]), np.array(prob))
     return float(np.mean(list(aucs.values()))), aucs
 
 
-def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict, out: Path, epochs: int,
-               seed: int, instance_weight: float = 0.0, n_seeds: int = 3, drop: float = 0.4, hidden: int = 32,
-               weight_decay: float = 5e-2, instance_k: int = 1) -> dict:
-    """Train ``n_seeds`` regularised models (instance dropout, hidden 32, weight decay, early stopping on the
-    validation AUC) and average their test predictions and attention (an ensemble; validation numbers are the
-    ensemble's too)."""
-    from oncofm.pathology.slide_model import FeatureBagDataset, predict_bags
+def run_config(settings: object, slides: list[dict], feats: dict, out: Path, seed: int, n_seeds: int = 3,
+               stats: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Train ``n_seeds`` models of ``settings`` (the benchmark preset: instance dropout, hidden 32, weight decay,
+    early stopping on the validation AUC) and average their test predictions and attention (an ensemble;
+    validation numbers are the ensemble's too)."""
+    from oncofm.pathology.slide_model import predict_bags
     from oncofm.survival.metrics import auc_score, bootstrap_auc
 
     by = {s: [x for x in slides if x["split"] == s] for s in ("train", "val", "test")}
-    ds = {s: FeatureBagDataset([feats[x["slide"]][0] for x in v], [x["label"] for x in v],
-                               drop=drop if s == "train" else 0.0) for s, v in by.items()}
+    ds = {s: bag_dataset(settings, v, feats, training=s == "train") for s, v in by.items()}
     runs = []
     for k in range(n_seeds):
-        run_dir = out / "train" / f"{encoder_name}_{agg_name}_iw{instance_weight:g}_s{k}"
-        model, result = fit_mil(agg_name, ds["train"], ds["val"], run_dir, epochs, seed + k, instance_weight,
-                                hidden, weight_decay, instance_k)
+        run_dir = out / "train" / f"{settings.encoder}_{settings.aggregator}_iw{settings.instance_weight:g}_s{k}"
+        model, result = fit_mil(settings, ds["train"], ds["val"], run_dir, seed + k, stats)
         runs.append((result, predict_bags(model, ds["val"]), predict_bags(model, ds["test"])))
 
     def ensemble(i: int) -> list[dict]:
@@ -372,9 +396,9 @@ def run_config(encoder_name: str, agg_name: str, slides: list[dict], feats: dict
         loc_auc.append(auc_score(mask, p["attention"]))
         loc_inst.append(auc_score(mask, p["patch_logits"]))
         top10.append(top_share(p["attention"], mask))
-    return {"encoder": encoder_name, "aggregator": agg_name, "slide_auc": auc, "ci": (lo, hi),
+    return {"encoder": settings.encoder, "aggregator": settings.aggregator, "slide_auc": auc, "ci": (lo, hi),
             "loc_auc": float(np.nanmean(loc_auc)), "loc_auc_instance": float(np.nanmean(loc_inst)),
-            "top10": float(np.mean(top10)), "val_auc": val_auc, "instance_weight": instance_weight,
+            "top10": float(np.mean(top10)), "val_auc": val_auc, "instance_weight": settings.instance_weight,
             "best_epoch": "/".join(str(r[0].best_epoch) for r in runs),
             "epochs_run": "/".join(str(r[0].epochs_run) for r in runs), "preds": preds,
             "seconds": sum(r[0].seconds for r in runs)}
@@ -434,20 +458,25 @@ def draw_example(slides: list[dict], feats: dict, res: dict, out: Path) -> Path:
 
 
 def main() -> None:
+    from oncofm.pathology.slide_train import SLIDE_PRESETS
+
+    preset = SLIDE_PRESETS["benchmark"]  # the product's recipe; the options below vary it
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "slide_mil")
     ap.add_argument("--train", type=int, default=160)
     ap.add_argument("--val", type=int, default=40)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--grid", type=int, default=8, help="slide side in cells (an ellipse of tissue inside)")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help=f"maximum epochs (default: the preset's, {preset['train']['epochs']})")
     ap.add_argument("--source-split", choices=("monuseg", "stratified"), default="monuseg",
                     help="how source images are split between training and test slides (see split_sources)")
-    ap.add_argument("--effnet-size", type=int, default=224, help="EfficientNet input side (cells are resized)")
-    ap.add_argument("--effnet-layers", choices=("head", "multiscale"), default="multiscale",
+    ap.add_argument("--effnet-size", type=int, default=preset["encoder_options"]["input_size"],
+                    help="EfficientNet input side (cells are resized)")
+    ap.add_argument("--effnet-layers", choices=("head", "multiscale"), default=preset["encoder_options"]["layers"],
                     help="EfficientNet features: the 1280-d head, or stages 4-7 averaged and concatenated (704-d)")
     ap.add_argument("--seeds", type=int, default=1, help="models per configuration (ensembled)")
-    ap.add_argument("--instance-weights", default="1",
+    ap.add_argument("--instance-weights", default=f"{preset['instance_weight']:g}",
                     help="instance-loss weights tried; the one with the best validation AUC is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--context", action="store_true", help="append each patch's 3x3-neighbourhood mean feature")
@@ -462,8 +491,8 @@ def main() -> None:
     import torch
 
     from oncofm.logging_utils import setup_logging, track
-    from oncofm.pathology.encoders import create_encoder
-    from oncofm.pathology.slide_model import extract_features, load_features
+    from oncofm.pathology.slide_model import extract_features, load_patch_features
+    from oncofm.pathology.slide_train import _build_model
     from oncofm.pathology.tiling import TilingSettings, tile_slide
 
     setup_logging("WARNING")
@@ -493,17 +522,23 @@ def main() -> None:
         # its features are best); the random-init Swin at 64 px (CPU budget; window 4 tiles its stages exactly)
         kw = ({"input_size": args.effnet_size} | ({"layers": args.effnet_layers} if args.effnet_layers != "head" else {})
               if enc_name == "efficientnet-lite0" else {"image_size": 64, "window_size": 4})
+        transformed = args.remove_frozen_axis or args.context  # features changed after z-scoring (below)
+
+        settings_for = functools.partial(bench_settings, enc_name, kw, out, args.epochs,
+                                         standardize_features=not transformed)  # + aggregator, instance_weight
+
         torch.manual_seed(args.seed)
-        encoder = create_encoder(enc_name, **kw).eval()
+        encoder = _build_model(settings_for(), with_encoder=False)[1].eval()  # the product's encoder of it
         feats = {}
         for x in track(slides, f"features {enc_name}"):
             h5 = extract_features(encoder, out / "tiles" / f"{x['slide']}.h5",
                                   out / "features" / f"{enc_name}_{kw_tag(kw)}_{tag}" / f"{x['slide']}.h5",
                                   encoder_name=enc_name,
                                   slide_mpp=MPP)  # cached: reused when slides, tiles and encoder are the same
-            feats[x["slide"]] = load_features(h5)
+            feats[x["slide"]] = load_patch_features(h5)
         timings[f"features {enc_name}"] = time.perf_counter() - t1
-        feats = standardise(feats, [x["slide"] for x in slides if x["split"] == "train"])
+        raw = feats
+        feats, stats = standardise(raw, [x["slide"] for x in slides if x["split"] == "train"])
         if args.remove_frozen_axis:
             feats, r = remove_preparation_axis(feats, slides, manifest)
             print(f"  {enc_name}: frozen/FFPE axis removed (its correlation with the frozen share on training "
@@ -511,13 +546,18 @@ def main() -> None:
         if args.context:
             feats = {k: (np.concatenate([f, neighbour_mean(f, c)], axis=1), c) for k, (f, c) in feats.items()}
         probes[enc_name] = linear_probe(slides, feats)
+        # the slide model standardises its raw input itself (statistics of the training patches, as in
+        # `oncofm train slide`); features already transformed after z-scoring are fed as they are
+        mil_feats, mil_stats = (feats, None) if transformed else (raw, stats)
         if args.source_cv:
             w = float(args.instance_weights.split(",")[0])
-            cv, folds = source_cv_auc("gated-attention", slides, feats, out, args.epochs, args.seed, w)
+            cv, folds = source_cv_auc(settings_for(aggregator="gated-attention", instance_weight=w), slides,
+                                      mil_feats, out, args.seed, mil_stats)
             print(f"  (source CV) {enc_name} + gated-attention: leave-one-planted-source-out AUC {cv:.3f} "
                   f"({', '.join(f'{k} held out {a:.3f}' for k, a in folds.items())})")
         for agg in ("gated-attention", "mean"):
-            tried = [run_config(enc_name, agg, slides, feats, out, args.epochs, args.seed, float(w), args.seeds)
+            tried = [run_config(settings_for(aggregator=agg, instance_weight=float(w)), slides, mil_feats, out,
+                                args.seed, args.seeds, mil_stats)
                      for w in args.instance_weights.split(",")]
             for r in tried:
                 print(f"  (validation) {enc_name} + {agg} instance-loss weight {r['instance_weight']:g}: "

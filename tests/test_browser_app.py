@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_report_doubles import DOUBLE_TAG, demo_run, double_steps
+from test_report_doubles import DOUBLE_TAG, demo_run, double_predictors
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -36,7 +36,7 @@ def server(tmp_path):
 
     port = _free_port()
     app = create_app(WebSettings(run=str(demo_run()), jobs_dir=str(tmp_path / "jobs"), port=port),
-                     steps=double_steps())
+                     predictors=double_predictors())
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -7,7 +7,7 @@ import pandas as pd
 
 from oncofm.cohort.importing import load_matrix, load_patients
 from oncofm.cohort.normalize import load_normalized_expression
-from oncofm.cohort.schema import Col, five_year_labels
+from oncofm.cohort.schema import PAN_CANCER, Col, five_year_labels
 from oncofm.cohort.splits import SplitSettings, make_splits
 from oncofm.cohort.summary import summary_table
 
@@ -67,7 +67,7 @@ def test_normalization_uses_training_statistics_only(tcga13_run):
     stats = pd.read_parquet(tcga13_run / "cohort" / "normalization.parquet")
     splits = load_splits(tcga13_run)
     n_train = (splits["split"] == "train").sum()
-    assert stats.loc[stats[Col.CANCER] == "__all__", "n_train"].iloc[0] == n_train
+    assert stats.loc[stats[Col.CANCER] == PAN_CANCER, "n_train"].iloc[0] == n_train
     z = load_normalized_expression(tcga13_run)
     assert np.nanmax(np.abs(z.to_numpy())) <= 5.0
     train = splits.loc[splits["split"] == "train", Col.PATIENT]

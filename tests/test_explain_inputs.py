@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from oncofm.errors import OncoFMError
-from oncofm.report.explain import ExplainSettings, explain_patient
-from oncofm.report.inputs import read_expression_file
-from test_report_doubles import demo_run, double_steps
+from oncofm.explain.inputs import read_expression_file
+from oncofm.explain.pipeline import ExplainSettings, explain_patient
+from test_report_doubles import demo_run, double_predictors
 
 PATIENT = "TCGA-B0-5698"  # KIRC, real H&E tile (MoNuSeg) in the bundled demo data
 
@@ -25,7 +25,7 @@ def _expression_row(patient: str = PATIENT) -> pd.Series:
 def _explain(tmp_path, **kw):
     out = tmp_path / "out"
     settings = ExplainSettings(run=str(demo_run()), out=str(out), **kw)
-    return out, lambda: explain_patient(settings, steps=double_steps())
+    return out, lambda: explain_patient(settings, predictors=double_predictors(omics=True))
 
 
 def _assert_nothing_written(tmp_path, out):
@@ -43,11 +43,14 @@ def test_too_few_genes_says_how_many(tmp_path):
     _assert_nothing_written(tmp_path, out)
 
 
-def test_unknown_cancer_type(tmp_path):
+def test_cancer_type_that_is_not_a_code(tmp_path):
+    """A type unseen in training is accepted with a note (tests/test_units.py); a value that is not a
+    cancer type code (2–12 letters or digits) is refused."""
     f = tmp_path / "expr.csv"
     _expression_row().rename("value").rename_axis("gene").reset_index().to_csv(f, index=False)
-    out, run = _explain(tmp_path, expression=str(f), cancer_type="XYZ")
-    with pytest.raises(OncoFMError, match=r"unknown cancer type 'XYZ'.*BLCA, GBM, KIRC, KIRP, LGG"):
+    out, run = _explain(tmp_path, expression=str(f), cancer_type="kidney cancer")
+    with pytest.raises(OncoFMError, match=r"cancer type 'kidney cancer' is not a cancer type code.*"
+                                          r"trained on BLCA, GBM, KIRC, KIRP, LGG"):
         run()
     _assert_nothing_written(tmp_path, out)
 
@@ -102,3 +105,29 @@ def test_new_patient_expression_only_report(tmp_path):
     assert any("no slide was given" in n for n in rec["notes"])
     html = (out / "report.html").read_text()
     assert "Research use only" in html and "no slide was given" in html
+
+
+def test_unseen_cancer_type_is_explained_with_a_visible_warning(tmp_path):
+    """One policy: a well-formed type the run was not trained on uses the pan-cancer statistics and the
+    report says so."""
+    f = tmp_path / "expr.csv"
+    _expression_row().rename("value").rename_axis("gene").reset_index().to_csv(f, index=False)
+    out, run = _explain(tmp_path, expression=str(f), cancer_type="LUAD")
+    run()
+    rec = json.loads((out / "explanation.json").read_text())
+    assert rec["cancer_type"] == "LUAD"
+    assert any("LUAD" in n and "pan-cancer" in n for n in rec["notes"])
+    assert "pan-cancer" in (out / "report.html").read_text()
+
+
+def test_log_scale_profile_is_refused_naming_the_units(tmp_path):
+    """A real profile given as log-scale values instead of the training z-scores: refused, nothing written."""
+    row = _expression_row()
+    rng = np.random.default_rng(0)
+    log_like = np.clip(rng.normal(8.5, 2.5, len(row)) + 1.2 * np.clip(row.to_numpy(), -4, 4), 0, 20)
+    f = tmp_path / "expr.csv"
+    pd.Series(log_like, index=row.index).rename("value").rename_axis("gene").reset_index().to_csv(f, index=False)
+    out, run = _explain(tmp_path, expression=str(f), cancer_type="KIRC")
+    with pytest.raises(OncoFMError, match=r"looks like log-scale values.*trained on per-cohort RNA-seq z-scores"):
+        run()
+    _assert_nothing_written(tmp_path, out)

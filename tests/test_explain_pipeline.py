@@ -18,9 +18,9 @@ from test_report_doubles import demo_run
 
 @pytest.mark.slow
 def test_explain_reproduces_the_omics_stage(tmp_path):
+    from oncofm.explain.pipeline import ExplainSettings, explain_patient
     from oncofm.omics.features import FeatureSettings, run_features
     from oncofm.omics.train import OmicsTrainSettings, train_omics
-    from oncofm.report.explain import ExplainSettings, explain_patient
     from oncofm.survival.cox_stage import CoxSettings, run_cox
 
     run = tmp_path / "run"
@@ -34,7 +34,6 @@ def test_explain_reproduces_the_omics_stage(tmp_path):
     out = tmp_path / "report"
     explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id=pid))
     rec = json.loads((out / "explanation.json").read_text())
-    assert rec["omics"]["source"] == "model"
     assert rec["omics"]["prob"] == pytest.approx(float(stored.loc[pid, "prob"]), abs=1e-5)
     assert rec["input"]["expression_genes"] == {"present": 16, "model": 16}
     assert rec["cohort"]["model"] == "omics" and rec["cohort"]["n_train"] > 50

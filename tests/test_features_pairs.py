@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from oncofm.omics.features import FeatureSettings, build_pairs, load_features, run_features, select_genes
+from oncofm.omics.features import FeatureSettings, build_pairs, load_pair_features, run_features, select_genes
 from oncofm.survival.cox_stage import PAN_CANCER, CoxSettings, load_coefficients, run_cox
 
 
@@ -51,7 +51,7 @@ def test_selection_rule_on_a_planted_table() -> None:
 def test_tensor_shape_order_and_values(feat_run: Path) -> None:
     from oncofm.cohort.normalize import load_normalized_expression
 
-    pairs, genes, patients = load_features(feat_run)
+    pairs, genes, patients = load_pair_features(feat_run)
     cohort = pd.read_parquet(feat_run / "cohort" / "patients.parquet")
     assert pairs.dtype == np.float32 and pairs.shape == (len(cohort), 64, 2)
     assert patients == cohort["patient_id"].tolist()                  # every patient, cohort order
@@ -71,7 +71,7 @@ def test_tensor_shape_order_and_values(feat_run: Path) -> None:
 
 
 def test_type_without_coefficients_falls_back_to_pan(feat_run: Path, caplog: pytest.LogCaptureFixture) -> None:
-    pairs, genes, patients = load_features(feat_run)
+    pairs, genes, patients = load_pair_features(feat_run)
     coef = load_coefficients(feat_run)
     pan = coef[coef["cancer_type"] == PAN_CANCER].set_index("gene").loc[genes, "coef"].to_numpy(np.float32)
     cohort = pd.read_parquet(feat_run / "cohort" / "patients.parquet").set_index("patient_id")
@@ -114,8 +114,8 @@ def test_selection_uses_training_patients_only(feat_run: Path, tmp_path: Path) -
     patients.to_parquet(cohort / "patients.parquet", index=False)
     run_cox(CoxSettings(run=str(run), plots=False))
     run_features(FeatureSettings(run=str(run), top_k=64))
-    pairs_a, genes_a, patients_a = load_features(feat_run)
-    pairs_b, genes_b, patients_b = load_features(run)
+    pairs_a, genes_a, patients_a = load_pair_features(feat_run)
+    pairs_b, genes_b, patients_b = load_pair_features(run)
     assert genes_a == genes_b and patients_a == patients_b
     np.testing.assert_array_equal(pairs_a[..., 1], pairs_b[..., 1])     # same coefficients for everyone
     train = ~np.isin(patients_a, list(other))

@@ -130,22 +130,25 @@ def test_verdict_is_the_same_with_and_without_the_reused_cache() -> None:
 def test_product_model_is_loaded_once_and_again_after_retraining(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     import os
 
-    import oncofm.fusion.train as train
-    from oncofm.fusion import explain
+    from oncofm.fusion import predict
+    from oncofm.paths import RunLayout
 
     loads = []
-    monkeypatch.setattr(train, "load_fusion_model", lambda run, **kw: loads.append(kw) or ("model", "tok", {}))
-    explain._cached_model.cache_clear()
+    monkeypatch.setattr(predict.FusionPredictor, "load",
+                        classmethod(lambda cls, run, **kw: loads.append(kw) or ("predictor", len(loads))))
+    predict._cached.cache_clear()
     projector = tmp_path / "models" / "fusion" / "projector.safetensors"
     projector.parent.mkdir(parents=True)
     projector.write_bytes(b"v1")
-    assert explain.product_model(tmp_path) == explain.product_model(str(tmp_path)) == ("model", "tok", {})
+    first = predict.FusionPredictor.from_run(RunLayout(tmp_path))
+    assert first == predict.FusionPredictor.from_run(RunLayout(str(tmp_path))) == ("predictor", 1)
     assert loads == [{"precision": "fp32", "merge": True}]  # once, in the product's precision
     stat = projector.stat()
     os.utime(projector, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # `oncofm train fusion --redo`
-    explain.product_model(tmp_path)
+    predict.FusionPredictor.from_run(RunLayout(tmp_path))
     assert len(loads) == 2
-    explain._cached_model.cache_clear()
+    assert predict.FusionPredictor.from_run(RunLayout(tmp_path / "none")) is None  # no model: None, a note
+    predict._cached.cache_clear()
 
 
 def test_second_decimals_in_one_pass_equal_ten_passes_and_restore_the_cache() -> None:

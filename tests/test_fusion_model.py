@@ -76,7 +76,9 @@ def fusion_run(tcga13_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     run = tmp_path_factory.mktemp("fusion_run")
     shutil.copytree(tcga13_run / "cohort", run / "cohort")
     _write_upstream(run)
-    build_reasoning_dataset(ReasoningSettings(run=str(run), top_genes=2))
+    from oncofm.fusion.evidence import EvidenceSettings
+
+    build_reasoning_dataset(ReasoningSettings(run=str(run), evidence=EvidenceSettings(top_genes=2)))
     return run
 
 
@@ -161,7 +163,7 @@ def test_reasoning_dataset_on_real_cohort(fusion_run: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path) -> None:
-    from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion, format_metrics
+    from oncofm.fusion.evaluate import FusionEvaluateSettings, evaluate_fusion, format_metrics
     from oncofm.fusion.llm import LLMSettings
     from oncofm.fusion.reasoning import read_dataset
     from oncofm.fusion.train import FusionSettings, train_fusion
@@ -183,67 +185,42 @@ def test_tiny_llm_trains_and_generation_parses(fusion_run: Path, tmp_path: Path)
     cfg = yaml.safe_load(paths["config"].read_text())
     losses = [h["train_loss"] for h in cfg["history"]]
     assert losses[-1] < 0.7 * losses[0]  # the loss falls
-    metrics = evaluate_fusion(EvaluateSettings(run=str(run), max_eval_patients=6, max_new_tokens=160))
+    metrics = evaluate_fusion(FusionEvaluateSettings(run=str(run), max_eval_patients=6, max_new_tokens=160))
     assert metrics["n_generated"] == 6
     assert metrics["readout"] == "marginal" and len(metrics["auc_text_minus_omics_model"]) == 3
     assert any("minus omics model" in line for line in format_metrics(metrics))
     gens = [line for line in (run / "models" / "fusion" / "generations.jsonl").read_text().splitlines() if line]
     assert len(gens) == 6
     assert metrics["parse_rate"] == 1.0, gens[:2]  # the prediction line is decoded under its grammar
+    from oncofm.fusion.templates import CLOSINGS, slot_options
+
     for g in map(json.loads, gens):  # ... which ties the words to the number: death iff risk >= 0.5
         assert g["death"] == (g["risk"] >= 0.5), g["generated"][-60:]
+        # structured decoding (the default): one sentence per slot, in order, then a closing of the verdict's side
+        reasoning = g["generated"].rsplit("\nPrediction:", 1)[0]
+        expected = slot_options(g["evidence"])
+        rest = reasoning
+        for options in expected:
+            hit = next(o for o in options if rest.startswith(o))
+            rest = rest[len(hit):].lstrip()
+        assert rest in {pair[0 if g["death"] else 1] for pair in CLOSINGS}, rest
     assert (run / "models" / "fusion" / "expert_rating.csv").exists()
     assert (run / "models" / "fusion" / "expert_rating.html").exists()
-    # one new patient through the product entry point: concatenated embedding with NaN for the missing slide
-    from oncofm.fusion.explain import explain_patient
+    # the contract: the product's predictor reproduces the stored evaluation generation (same decoding:
+    # batch 1, fp32, merged LoRA), and a missing slide goes through its learned stand-in
     from oncofm.fusion.fuse import load_embeddings
+    from oncofm.fusion.predict import FusionPredictor
+    from oncofm.paths import RunLayout
 
-    rec = next(r for r in records if r["split"] == "test" and r["label"] is not None)
-    emb = load_embeddings(run, [rec["patient_id"]])
-    fused = np.concatenate([emb.omics[0], np.full(emb.slide.shape[1], np.nan, np.float32)])
-    text, parsed = explain_patient(run, rec["evidence"], fused)
-    assert isinstance(text, str) and text
-    assert parsed == parse_prediction(text)
-
-
-def test_prediction_stop_criterion() -> None:
-    from oncofm.fusion.generate import PredictionLineStop, cut_after_prediction
-
-    class Tok:  # a character "tokenizer"
-        def decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> str:
-            return "".join(chr(int(i)) for i in ids)
-
-    done = "text.\nPrediction: alive at 5 years (risk 0.21)"
-    ids = torch.tensor([[ord(c) for c in done], [ord(c) for c in done[:-1].rjust(len(done))]])
-    stop = PredictionLineStop(Tok(), window=60)(ids)
-    assert stop.tolist() == [True, False]
-    assert cut_after_prediction(done + " and more") == done
-    assert parse_prediction(cut_after_prediction(done + "\nPrediction: death within 5 years (risk 0.9)")).risk == 0.21
-
-
-def test_prediction_start_stop_and_reasoning_part() -> None:
-    from oncofm.fusion.generate import PredictionStartStop, reasoning_part
-
-    class Tok:  # a character "tokenizer"
-        def decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> str:
-            return "".join(chr(int(i)) for i in ids)
-
-    started = "Risk genes PLK1.\nPrediction:"
-    ids = torch.tensor([[ord(c) for c in started], [ord(c) for c in "Risk genes PLK1.\nPredict".rjust(len(started))]])
-    assert PredictionStartStop(Tok(), window=60)(ids).tolist() == [True, False]
-    assert reasoning_part("Risk genes PLK1.\nPrediction: death") == "Risk genes PLK1."
-    assert reasoning_part("no line at all ") == "no line at all"
-
-
-def test_split_closing_finds_the_verdict_sentence_of_either_outcome() -> None:
-    from oncofm.fusion.generate import split_closing
-    from oncofm.fusion.templates import CLOSINGS, render_target
-
-    ev = {"cancer_type": "KIRC", "omics_prob": 0.3, "risk_genes": [], "protective_genes": [], "missing": ["slide"]}
-    for seed in range(12):
-        for death in (True, False):
-            text = render_target(ev, death=death, risk=0.7 if death else 0.2, seed=seed)
-            body, i = split_closing(text.split("\nPrediction:")[0])
-            assert i is not None and body.startswith(("This is", "The patient", "Cancer type"))
-            assert text.split("\nPrediction:")[0].endswith(CLOSINGS[i][0 if death else 1])
-    assert split_closing("Genes that raise the risk: PLK1.") == ("Genes that raise the risk: PLK1.", None)
+    metrics = evaluate_fusion(FusionEvaluateSettings(run=str(run), max_eval_patients=2, max_new_tokens=160,
+                                                     batch_size=1, precision="fp32", timed_alone=0))
+    stored = [json.loads(line) for line in (run / "models" / "fusion" / "generations.jsonl").read_text().splitlines()]
+    predictor = FusionPredictor.from_run(RunLayout(run))
+    by_id = {r["patient_id"]: r for r in records}
+    for g in stored:
+        emb = load_embeddings(run, [g["patient_id"]])
+        out = predictor.generate([(g["patient_id"], by_id[g["patient_id"]]["evidence"],
+                                   emb.omics[0] if emb.has_omics[0] else None,
+                                   emb.slide[0] if emb.has_slide[0] else None)], max_new_tokens=160)[0]
+        assert out.text == g["generated"]
+        assert out.parsed == parse_prediction(out.text) and (out.risk is None) == (not g["parsed"])

@@ -181,17 +181,55 @@ def test_drafting_client_against_local_server(tmp_path: Path, monkeypatch: pytes
     assert new[0]["target"] == "old"
 
 
-def test_cox_contribution_fallback_ranks_by_coef_times_z() -> None:
+def test_build_evidence_from_predictor_results() -> None:
+    import numpy as np
     import pandas as pd
 
-    from oncofm.fusion.evidence import gene_evidence
-    from oncofm.fusion.reasoning import cox_contributions
+    from oncofm.fusion.evidence import Evidence, EvidenceSettings, build_evidence
+    from oncofm.omics.predict import OmicsResult
+    from oncofm.pathology.predict import SlideResult
 
-    z = pd.Series({"A": 2.0, "B": -1.0, "C": 1.0, "D": 3.0})
-    cox = {("KIRC", "A"): (0.5, 0.01), ("KIRC", "B"): (0.8, 0.02), ("KIRC", "C"): (-0.4, 0.03),
-           ("__pan__", "D"): (0.1, 0.9)}  # D: q too high, left out
-    att = cox_contributions(z, "KIRC", cox, max_q=0.25)
-    assert dict(zip(att["gene"], att["attribution"], strict=True)) == pytest.approx({"A": 1.0, "B": -0.8, "C": -0.4})
-    risk, prot = gene_evidence(att, z, "KIRC", cox, top=2)
-    assert [g["gene"] for g in risk] == ["A"] and [g["gene"] for g in prot] == ["B", "C"]
-    assert risk[0] == {"gene": "A", "z": 2.0, "cox": "+", "q": 0.01, "attribution": 1.0}
+    table = pd.DataFrame({"gene": ["A", "B", "C", "D"], "attribution": [1.0, -0.8, -0.4, 0.0],
+                          "expression_z": [2.0, -1.0, 1.0, 3.0], "coef": [0.5, 0.8, -0.4, np.nan],
+                          "q": [0.01, 0.02, 0.03, np.nan]})
+    omics = OmicsResult(prob=0.734, logit=1.0, embedding=np.zeros(3, np.float32), attributions=table, n_present=4,
+                        n_model_genes=4, missing_genes=[], version="t")
+    attention = np.array([0.7, 0.1, 0.1, 0.05, 0.05])
+    slide = SlideResult(prob=0.2, logit=-1.4, embedding=np.zeros(2, np.float32), attention=attention, version="t")
+    ev = build_evidence("KIRC", 61.0, omics, slide, None, EvidenceSettings(top_genes=2, top_fraction=0.2))
+    assert [g["gene"] for g in ev.risk_genes] == ["A"] and [g["gene"] for g in ev.protective_genes] == ["B", "C"]
+    assert ev.risk_genes[0] == {"gene": "A", "z": 2.0, "cox": "+", "q": 0.01, "attribution": 1.0}
+    assert ev.omics_prob == 0.73 and ev.slide_prob == 0.2 and ev.missing == []
+    assert ev.image == {"n_patches": 5, "top_fraction": 0.2, "top_share": 0.7, "findings": []}
+    assert Evidence.from_dict(ev.to_dict()) == ev
+    assert "Risk genes: A z +2.0 Cox + q 0.01 significant" in ev.prompt() and 0.73 in ev.numbers()
+    # a gene whose attribution contradicts its univariate Cox direction (z +1, coef -0.5: Cox says it lowers the
+    # risk, the model says it raises it) is not cited under the default rule, and cited under "attribution"
+    odd = pd.concat([table, pd.DataFrame({"gene": ["E"], "attribution": [0.9], "expression_z": [1.0],
+                                          "coef": [-0.5], "q": [0.2]})], ignore_index=True)
+    omics.attributions = odd
+    assert [g["gene"] for g in build_evidence("KIRC", 61.0, omics, None, None, EvidenceSettings()).risk_genes] == ["A"]
+    loose = build_evidence("KIRC", 61.0, omics, None, None, EvidenceSettings(gene_rule="attribution"))
+    assert [g["gene"] for g in loose.risk_genes] == ["A", "E"]
+    alone = build_evidence("KIRC", None, None, slide, None, EvidenceSettings())
+    assert alone.missing == ["omics"] and alone.risk_genes == []
+
+
+def test_attention_words_compare_with_uniform_attention_and_findings_need_a_reference() -> None:
+    import numpy as np
+
+    from oncofm.fusion.evidence import EvidenceSettings, build_evidence
+    from oncofm.fusion.templates import render_target, uniform_share
+    from oncofm.pathology.predict import PatchFinding, PatchSummary, SlideResult
+
+    assert uniform_share(4, 0.1) == 0.25 and uniform_share(100, 0.1) == 0.1
+    flat = SlideResult(prob=0.2, logit=0.0, embedding=np.zeros(1), attention=np.full(4, 0.25), version="t")
+    patches = PatchSummary([PatchFinding(i, 0, 0, 0.25, np.zeros((1, 1, 3), np.uint8), {"nuclei_density": 1.0})
+                            for i in range(4)], {"nuclei_density": 1.0})
+    ev = build_evidence("KIRC", None, None, flat, patches, EvidenceSettings()).to_dict()
+    assert ev["image"]["findings"] == []  # the attended patches are the whole slide: nothing to compare
+    assert "spread out" in render_target(ev, death=False, risk=0.2)  # 1 of 4 patches holding 0.25 is uniform
+    peaked = np.r_[0.91, np.full(99, 0.09 / 99)]
+    ev = build_evidence("KIRC", None, None, SlideResult(0.2, 0.0, np.zeros(1), peaked, "t"), None,
+                        EvidenceSettings()).to_dict()
+    assert "concentrated" in render_target(ev, death=False, risk=0.2)

@@ -184,7 +184,7 @@ def test_anchored_model_starts_as_the_fitted_linear_model(tmp_path, kind) -> Non
 
     from oncofm.omics.baselines import anchor_linear, gene_design
     from oncofm.omics.data import ClinicalEncoder, OmicsDataset, load_omics_table
-    from oncofm.omics.train import predict_dataset
+    from oncofm.omics.predict import forward_batches
 
     run = make_synthetic_run(tmp_path / "run", n=300, g=6)
     table = load_omics_table(run)
@@ -195,7 +195,7 @@ def test_anchored_model_starts_as_the_fitted_linear_model(tmp_path, kind) -> Non
     model = OmicsTransformer(n_genes=6, n_cancer_types=len(enc.cancer_types), d_model=8, n_layers=1, n_heads=2,
                              linear_skip=True)
     model.set_linear_anchor(**{k: v for k, v in a.items() if k != "chosen"})
-    logits, _ = predict_dataset(model, OmicsDataset(val, enc))
+    logits, _ = forward_batches(model, OmicsDataset(val, enc))
     # reference: the same linear model fitted directly on the standardised design
     design = np.concatenate([gene_design(train), enc.design(train)[:, :len(enc.cancer_types) + 1]], 1)
     val_design = np.concatenate([gene_design(val), enc.design(val)[:, :len(enc.cancer_types) + 1]], 1)

@@ -7,16 +7,17 @@ import re
 
 import numpy as np
 
+from oncofm.explain.context import CohortContext
+from oncofm.explain.pipeline import ExplainSettings, explain_patient
+from oncofm.pathology.predict import TiledSlide
 from oncofm.report import plots
-from oncofm.report.explain import ExplainSettings, explain_patient
-from oncofm.report.steps import CohortContext, TiledSlide
-from test_report_doubles import DOUBLE_TAG, demo_run, double_steps, run_with_double_omics_predictions
+from test_report_doubles import DOUBLE_TAG, demo_run, double_predictors, run_with_double_omics_predictions
 
 
 def test_report_is_self_contained(tmp_path):
     out = tmp_path / "report"
-    paths = explain_patient(ExplainSettings(run=str(demo_run()), out=str(out), patient_id="TCGA-HE-7129",
-                                            patch_size=64), steps=double_steps())
+    paths = explain_patient(ExplainSettings(run=str(demo_run()), out=str(out), patient_id="TCGA-HE-7129"),
+                            predictors=double_predictors())
     assert set(paths) == {"report", "explanation", "heatmap"}
     html = paths["report"].read_text()
     srcs = re.findall(r"""\bsrc=['"]([^'"]+)""", html)
@@ -27,7 +28,8 @@ def test_report_is_self_contained(tmp_path):
     rec = json.loads(paths["explanation"].read_text())
     assert rec["prediction"]["source"] == "fusion LLM"
     assert rec["slide"]["n_patches"] > 8 and len(rec["top_patches"]) == 8
-    assert set(rec["seconds"]) >= {"normalise_expression", "tile_slide", "run_slide_model", "run_fusion", "total"}
+    assert set(rec["seconds"]) >= {"tile_slide", "slide_model", "top_patches", "evidence", "fusion", "total"}
+    assert any("the run has no omics model" in n for n in rec["notes"])
     assert rec["evidence"]["missing"] == ["omics"] and rec["evidence"]["image"]["n_patches"] > 8
     assert paths["heatmap"].read_bytes()[:4] == b"\x89PNG"
 
@@ -62,8 +64,8 @@ def test_full_report_has_every_section(tmp_path):
     """With (labelled) doubles for every model: genes chart, cohort histogram + KM, heatmap, patches, text."""
     run = run_with_double_omics_predictions(tmp_path)
     out = tmp_path / "full"
-    paths = explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id="TCGA-HE-7129", patch_size=64),
-                            steps=double_steps(omics=True))
+    paths = explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id="TCGA-HE-7129"),
+                            predictors=double_predictors(run, omics=True))
     html = paths["report"].read_text().replace("'", '"')
     for section in ('id="explanation"', 'id="heatmap"', 'id="thumbnail"', 'id="patches"', 'id="genes"',
                     'id="cohort"', 'id="notice"'):
@@ -73,24 +75,3 @@ def test_full_report_has_every_section(tmp_path):
     assert rec["cohort"]["model"] == "omics" and rec["cohort"]["n_train"] > 100
     assert 0 <= rec["cohort"]["percentile"] <= 1
     assert rec["top_genes"][0]["gene"] in rec["text"] or rec["evidence"]["risk_genes"][0]["gene"] in rec["text"]
-
-
-def test_stored_omics_outputs_are_shown_as_stored(tmp_path):
-    """Without an applicable omics model, a cohort patient's stored omics outputs are shown, labelled, unchanged."""
-    import pandas as pd
-
-    run = run_with_double_omics_predictions(tmp_path)
-    pid = "TCGA-HE-7129"
-    genes = ["VHL", "PBRM1", "BAP1", "SETD2"]
-    pd.DataFrame({"patient_id": pid, "gene": genes, "attribution": [0.2, -0.3, 0.1, -0.05]}).to_parquet(
-        run / "models" / "omics" / "attributions.parquet", index=False)
-    stored = pd.read_parquet(run / "models" / "omics" / "predictions.parquet").set_index("patient_id")
-    out = tmp_path / "stored"
-    paths = explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id=pid, patch_size=64),
-                            steps=double_steps())
-    rec = json.loads(paths["explanation"].read_text())
-    assert rec["omics"] == {"prob": stored.loc[pid, "prob"], "source": "stored"}
-    assert [g["gene"] for g in rec["top_genes"]] == ["PBRM1", "VHL", "BAP1", "SETD2"]
-    assert [g["gene"] for g in rec["evidence"]["risk_genes"]] == ["VHL", "BAP1"]
-    assert rec["evidence"]["risk_genes"][0]["z"] is not None
-    assert "stored output" in paths["report"].read_text()

@@ -84,7 +84,7 @@ def test_tile_and_encode_many_on_ray_failure_table_and_skip(local_ray, shared_da
 
     # frozen-encoder features of the tiled slides, one Ray task per slide; a bad tiles file -> failure table
     from oncofm.pathology.encoders import create_encoder
-    from oncofm.pathology.slide_model import extract_features, load_features
+    from oncofm.pathology.slide_model import extract_features, load_patch_features
 
     bogus = out / "TCGA-XX-0001-01Z-00-DX1.h5"
     bogus.write_bytes(b"not hdf5")
@@ -93,11 +93,11 @@ def test_tile_and_encode_many_on_ray_failure_table_and_skip(local_ray, shared_da
                          progress=False)
     assert [o.status for o in feats.outcomes] == ["ok", "failed"]
     assert list(pd.read_csv(tmp_path / "features" / "failures.csv")["item"]) == [str(bogus)]
-    x, coords = load_features(feats.values[0])
+    x, coords = load_patch_features(feats.values[0])
     assert x.shape[0] == first[0].n_patches and np.isfinite(x).all()
     ref = extract_features(create_encoder("efficientnet-lite0").eval(), tiles[0], tmp_path / "ref_features.h5",
                            encoder_name="efficientnet-lite0")
-    np.testing.assert_allclose(x, load_features(ref)[0], rtol=1e-2, atol=1e-2)  # float16 storage
+    np.testing.assert_allclose(x, load_patch_features(ref)[0], rtol=1e-2, atol=1e-2)  # float16 storage
     mtime = (tmp_path / "features" / "CMU-1-Small-Region.h5").stat().st_mtime_ns
     again = extract_many(tiles[:1], tmp_path / "features", "efficientnet-lite0", executor="local", workers=1,
                          progress=False)

@@ -154,3 +154,44 @@ def test_end_to_end_mode_learns_the_planted_signal(planted_run, tmp_path) -> Non
     assert (run / "models" / "slide" / "features" / "swin-cpu-finetuned").is_dir()
     _check_outputs(run, regions)  # slide-level signal learned; its attention is not yet concentrated after
     # 6 epochs (measured ratio 0.8-1.1), so localisation is asserted for the frozen-feature mode only
+
+
+def test_standardised_features_are_fitted_on_training_patches_and_saved(planted_run, tmp_path) -> None:
+    import shutil
+
+    from oncofm.pathology.slide_model import feature_stats, load_patch_features
+    from oncofm.pathology.slide_train import load_slide_model, train_slide_model
+
+    src, regions = planted_run
+    run = tmp_path / "run"
+    shutil.copytree(src / "cohort", run / "cohort")
+    shutil.copytree(src / "tiles", run / "tiles")
+    train_slide_model(_settings(run, standardize_features=True, instance_weight=1.0, instance_k=1,
+                                instance_drop=0.25, max_patches=0), progress=False)
+    _check_outputs(run, regions)  # learns the planted signal with standardised features too
+    model, settings = load_slide_model(run)
+    assert settings.standardize_features and model.feature_mean is not None
+    train_stems = [f"slide_{i:02d}" for i in range(12)]  # the training split of the fixture
+    feat_dir = run / "models" / "slide" / "features" / "swin-cpu"
+    mean, std = feature_stats([load_patch_features(feat_dir / f"{s}.h5")[0] for s in train_stems])
+    np.testing.assert_allclose(model.feature_mean.numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(model.feature_std.numpy(), std, rtol=1e-6)
+
+
+def test_retraining_with_other_settings_does_not_resume_the_old_checkpoint(planted_run, tmp_path) -> None:
+    import shutil
+
+    from oncofm.pathology.slide_train import load_slide_model, train_slide_model
+
+    src, _ = planted_run
+    run = tmp_path / "run"
+    shutil.copytree(src / "cohort", run / "cohort")
+    shutil.copytree(src / "tiles", run / "tiles")
+    train_slide_model(_settings(run, epochs=2), progress=False)
+    assert (run / "models" / "slide" / "training" / "checkpoint").is_dir()  # left by fit()
+    # other widths: resuming the first run's checkpoint used to fail with a size mismatch
+    other = _settings(run, epochs=2, standardize_features=True)
+    other.hidden = 16
+    train_slide_model(other, progress=False)
+    model, settings = load_slide_model(run)
+    assert settings.hidden == 16 and model.head.in_features == 16 and model.feature_mean is not None

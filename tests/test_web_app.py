@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from oncofm.web.app import WebSettings, create_app
-from test_report_doubles import DOUBLE_TAG, demo_run, double_steps
+from test_report_doubles import DOUBLE_TAG, demo_run, double_predictors
 
 
 @pytest.fixture()
 def client(tmp_path):
     settings = WebSettings(run=str(demo_run()), jobs_dir=str(tmp_path / "jobs"), max_upload_mb=2.0, workers=2)
-    app = create_app(settings, steps=double_steps())
+    app = create_app(settings, predictors=double_predictors())
     with TestClient(app) as c:
         yield c
 

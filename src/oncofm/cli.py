@@ -8,7 +8,6 @@ message without a traceback and exit with status 2.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -24,32 +23,40 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help texts are plain text: with typer's default ("rich") markup mode, any "[word ...]" in a docstring
+    # or option help is parsed as a rich style tag and silently dropped ("on [soft tokens + prompt] ->" became
+    # "on  ->"). The root group's mode applies to every command and sub-group registered below.
+    rich_markup_mode=None,
 )
-train_app = typer.Typer(help="Train a model: omics, slide or fusion.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: omics, slide or fusion.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 
-# Stage modules that contribute commands (each defines register(app, train_app)).
-_COMMAND_MODULES = (
-    "oncofm.cohort.cli",
-    "oncofm.survival.cli",
-    "oncofm.omics.cli",
-    "oncofm.pathology.cli",
-    "oncofm.pathology.model_cli",
-    "oncofm.fusion.cli",
-    "oncofm.report.cli",
-    "oncofm.web.cli",
-    "oncofm.demo",
-)
+# Stage modules that contribute commands (each defines register(app, train_app)); plain imports, so a
+# broken or renamed module fails loudly here instead of silently losing its commands.
+from oncofm import demo as _demo  # noqa: E402
+from oncofm.cohort import cli as _cohort_cli  # noqa: E402
+from oncofm.explain import cli as _explain_cli  # noqa: E402
+from oncofm.fusion import cli as _fusion_cli  # noqa: E402
+from oncofm.omics import cli as _omics_cli  # noqa: E402
+from oncofm.pathology import cli as _pathology_cli  # noqa: E402
+from oncofm.pathology import model_cli as _slide_model_cli  # noqa: E402
+from oncofm.survival import cli as _survival_cli  # noqa: E402
+from oncofm.web import cli as _web_cli  # noqa: E402
+
+_COMMAND_MODULES = (_cohort_cli, _survival_cli, _omics_cli, _pathology_cli, _slide_model_cli, _fusion_cli,
+                    _explain_cli, _web_cli, _demo)
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    setup_logging("DEBUG" if verbose else "INFO")
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (also shows third-party "
+                                                                      "libraries' warnings and messages).")) -> None:
+    # before any command imports torch/transformers: third-party progress bars, chatter and warnings are
+    # kept off the console (oncofm.logging_utils.quiet_third_party); OncoFM's own lines and warnings stay
+    setup_logging("DEBUG" if verbose else "INFO", quiet_libraries=True)
 
 
 def _register_all() -> None:
-    for name in _COMMAND_MODULES:
-        module = importlib.import_module(name)
+    for module in _COMMAND_MODULES:
         module.register(app, train_app)
 
 
@@ -77,9 +84,21 @@ def main() -> None:
         typer.secho("Interrupted; finished artifacts are kept, the next run resumes.", err=True)
         sys.exit(130)
     except Exception as exc:  # click usage errors come here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if _is_usage_error(exc):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click usage error (missing or unknown option ...), from click or the copy of click typer bundles."""
+    import click
+
+    kinds: list[type] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as BundledClickException  # typer >= 0.29
+
+        kinds.append(BundledClickException)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(kinds))

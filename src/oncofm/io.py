@@ -79,3 +79,25 @@ def _clean(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
         return _clean(obj.item())
     return obj
+
+
+def model_version(model_dir: str | Path) -> str:
+    """A short content hash of a model directory's weights and config: ``<name>@<12 hex>``.
+
+    Hashes the names and bytes of the weight and config files (``.safetensors``, ``.yaml``, ``.json``,
+    ``.bin``, ``.pt``; ``metrics.json`` excluded), and only the size of files over 64 MB.
+    """
+    import hashlib
+
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix in
+                   {".safetensors", ".yaml", ".json", ".bin", ".pt"} and p.name != "metrics.json"
+                   and "training" not in p.relative_to(model_dir).parts and "fit" not in p.relative_to(model_dir).parts)
+    for p in files:
+        h.update(str(p.relative_to(model_dir)).encode())
+        if p.stat().st_size < 64 * 2**20:
+            h.update(p.read_bytes())
+        else:
+            h.update(str(p.stat().st_size).encode())
+    return f"{model_dir.name}@{h.hexdigest()[:12]}" if files else f"{model_dir.name}@unversioned"

@@ -1,15 +1,13 @@
 """The demo pipeline: every stage in order on the bundled demo cohort, reusing finished stages.
 
 Each stage is one small function ``(run, redo) -> None`` that calls its stage's library function; the
-stage functions themselves skip work whose outputs exist, so a second run reuses them. A stage whose code
-is not in this installation is reported as unavailable and the demo goes on (the explain step then
-notes the missing model in the report); any other error stops the demo. Wall time per stage goes to
+stage functions themselves skip work whose outputs exist with the same settings, so a second run reuses
+them. An error in any stage stops the demo with its message. Wall time per stage goes to
 ``RUN/demo_timings.json``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,21 +32,8 @@ DEMO_FUSION = {"max_train_patients": 96, "max_val_patients": 16, "max_eval_patie
 DEMO_TIMED_ALONE = 1
 
 
-class StageUnavailable(Exception):  # noqa: N818 - a status, not an error
-    """The stage's library code is not part of this installation."""
-
-
-def _need(module: str, *names: str) -> list[Any]:
-    """Import ``names`` from ``module`` or declare the stage unavailable."""
-    try:
-        mod = importlib.import_module(module)
-        return [getattr(mod, n) for n in names]
-    except (ImportError, AttributeError) as exc:
-        raise StageUnavailable(f"{module}: {exc}") from None
-
-
 # ---------------------------------------------------------------------------------------------------------
-# one function per stage (the seams the lead connects when a stage's API settles)
+# one function per stage
 def stage_cohort(run: Path, redo: bool) -> None:
     from oncofm.cohort.importing import ImportSettings, import_cohort
 
@@ -68,29 +53,32 @@ def stage_summary(run: Path, redo: bool) -> None:
 
 
 def stage_cox(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.survival.cox_stage", "CoxSettings", "run_cox")
-    fn(settings_cls.build(run=str(run), redo=redo))
+    from oncofm.survival.cox_stage import CoxSettings, run_cox
+
+    run_cox(CoxSettings.build(run=str(run), redo=redo))
 
 
 def stage_features(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.omics.features", "FeatureSettings", "run_features")
-    fn(settings_cls.build(run=str(run), redo=redo))
+    from oncofm.omics.features import FeatureSettings, run_features
+
+    run_features(FeatureSettings.build(run=str(run), redo=redo))
 
 
 def stage_train_omics(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.omics.train", "OmicsTrainSettings", "train_omics")
-    fn(settings_cls.build(run=str(run), redo=redo))
+    from oncofm.omics.train import OmicsTrainSettings, train_omics
+
+    train_omics(OmicsTrainSettings.build(run=str(run), redo=redo))
 
 
 def stage_tiles(run: Path, redo: bool) -> None:
     """Tile each demo patient's real H&E image (with its own mpp from images.csv) into RUN/tiles/."""
-    settings_cls, tile_slides = _need("oncofm.pathology.tiling", "TilingSettings", "tile_slides")
-    from oncofm.report.inputs import image_table
+    from oncofm.cohort.images import image_table
+    from oncofm.pathology.tiling import TilingSettings, tile_slides
 
     layout = RunLayout(run)
     images = image_table(layout)
     for row in images.itertuples():
-        tile_slides(settings_cls.build(source=row.path, out=str(layout.tiles_dir), slide_mpp=row.mpp, redo=redo),
+        tile_slides(TilingSettings.build(source=row.path, out=str(layout.tiles_dir), slide_mpp=row.mpp, redo=redo),
                     progress=False)
     log.info("tiled %d demo images into %s", len(images), layout.tiles_dir)
 
@@ -103,13 +91,13 @@ def stage_register_images(run: Path, redo: bool) -> None:
     """
     import pandas as pd
 
+    from oncofm.cohort.images import image_table
     from oncofm.io import write_parquet
-    from oncofm.report.inputs import image_table
 
     layout = RunLayout(run)
     images = image_table(layout)
     if images.empty:
-        raise StageUnavailable("the cohort's source has no images.csv")
+        raise OncoFMError("the demo cohort's source has no images.csv; reinstall the package (its demo_data/ is incomplete)")
     new = pd.DataFrame({"patient_id": images["patient_id"], "slide_id": images["path"]})
     if layout.slides_table.exists():
         old = pd.read_parquet(layout.slides_table)
@@ -121,49 +109,52 @@ def stage_register_images(run: Path, redo: bool) -> None:
 
 
 def stage_train_slide(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.pathology.slide_train", "SlideTrainSettings", "train_slide_model")
-    fn(settings_cls.build(run=str(run), redo=redo), progress=False)
+    from oncofm.pathology.slide_train import SlideTrainSettings, train_slide_model
+
+    train_slide_model(SlideTrainSettings.build(run=str(run), redo=redo), progress=False)
 
 
 def stage_reasoning(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.fusion.reasoning", "ReasoningSettings", "build_reasoning_dataset")
-    fn(settings_cls.build(run=str(run), redo=redo))
+    from oncofm.fusion.reasoning import ReasoningSettings, build_reasoning_dataset
+
+    build_reasoning_dataset(ReasoningSettings.build(run=str(run), redo=redo))
 
 
 def stage_train_fusion(run: Path, redo: bool) -> None:
-    settings_cls, fn = _need("oncofm.fusion.train", "FusionSettings", "train_fusion")
+    from oncofm.fusion.train import FusionSettings, train_fusion
     from oncofm.training import TrainSettings
 
-    fn(settings_cls.build(run=str(run), redo=redo, **DEMO_FUSION,
+    train_fusion(FusionSettings.build(run=str(run), redo=redo, **DEMO_FUSION,
                           train=TrainSettings(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0, patience=1,
                                                mixed_precision="auto")))
 
 
 def stage_evaluate_fusion(run: Path, redo: bool) -> None:
     """Generate explanations for a sample of test patients and score them (parse rate, AUC, faithfulness)."""
-    settings_cls, fn, fmt = _need("oncofm.fusion.evaluate", "EvaluateSettings", "evaluate_fusion", "format_metrics")
+    from oncofm.fusion.evaluate import FusionEvaluateSettings, evaluate_fusion, format_metrics
+
     metrics_file = RunLayout(run).model_dir("fusion") / "metrics.json"
     if metrics_file.exists() and not redo:
         return
-    metrics = fn(settings_cls.build(run=str(run), max_eval_patients=DEMO_FUSION["max_eval_patients"],
+    metrics = evaluate_fusion(FusionEvaluateSettings.build(run=str(run), max_eval_patients=DEMO_FUSION["max_eval_patients"],
                                     timed_alone=DEMO_TIMED_ALONE))
-    for line in fmt(metrics):
+    for line in format_metrics(metrics):
         log.info("fusion: %s", line)
 
 
 def demo_patient(run: Path) -> str:
     """The demo patient to explain: one with a real H&E image and expression, preferring the test split."""
-    from oncofm.web.app import demo_patients
+    from oncofm.cohort.images import demo_patients
 
     patients = demo_patients(run)
     if not patients:
-        raise StageUnavailable("no demo patient with a real H&E image in this run")
+        raise OncoFMError("no demo patient with a real H&E image in this run; reinstall the package (demo_data/images)")
     test = [p for p in patients if p["split"] == "test"]
     return (test or patients)[0]["patient_id"]
 
 
 def stage_explain(run: Path, redo: bool) -> Path:
-    from oncofm.report.explain import ExplainSettings, explain_patient
+    from oncofm.explain.pipeline import ExplainSettings, explain_patient
 
     patient = demo_patient(run)
     out = RunLayout(run).reports_dir / patient
@@ -197,22 +188,10 @@ def run_demo(run: str | Path, redo: bool = False) -> dict[str, Any]:
     run.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"stages": {}, "report": None}
     t_all = time.perf_counter()
-    unavailable: list[str] = []
     for name, fn in STAGES:
         t0 = time.perf_counter()
-        try:
-            result = fn(run, redo)
-            status = "done"
-        except StageUnavailable as exc:
-            result, status = None, f"unavailable ({exc})"
-            unavailable.append(name)
-            log.warning("stage %s is not available in this installation: %s", name, exc)
-        except OncoFMError as exc:  # e.g. a MissingArtifactError from a stage whose input stage is absent
-            if not unavailable:
-                raise
-            result, status = None, f"skipped: needs the output of {', '.join(unavailable)} ({exc})"
-            unavailable.append(name)
-            log.warning("stage %s skipped: %s", name, status)
+        result = fn(run, redo)
+        status = "done"
         seconds = round(time.perf_counter() - t0, 2)
         record["stages"][name] = {"seconds": seconds, "status": status}
         log.info("stage %-12s %7.1f s  %s", name, seconds, status)

@@ -3,7 +3,7 @@
 For each cancer type and gene, ``center`` is the median and ``scale`` is 1.4826 × MAD of the training
 patients (the standard deviation when the MAD is 0, 1 when both are 0); values become
 ``clip((x - center) / scale, -clip, +clip)``. Robust statistics matter here: the TCGA z-scores have
-values up to 3.7e4 that would dominate a mean and SD. A pan-cancer row (``cancer_type == "__all__"``)
+values up to 3.7e4 that would dominate a mean and SD. A pan-cancer row (``cancer_type == PAN_CANCER``, ``"__pan__"``)
 serves cancer types unseen in training. Missing values stay NaN (a gene a cohort lacks); models fill
 them with 0, the training median.
 """
@@ -16,12 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oncofm.cohort.schema import Col
+from oncofm.cohort.schema import LEGACY_PAN_KEYS, PAN_CANCER, Col
 
 log = logging.getLogger(__name__)
-
-PAN_CANCER = "__all__"
-
 
 def _robust_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(all="ignore"):
@@ -59,6 +56,8 @@ def apply_normalizer(expression: pd.DataFrame, cancer_types: pd.Series, stats: p
     ``cancer_types`` is indexed by patient. Cancer types without statistics use the pan-cancer row (a
     warning counts them). Genes without statistics are returned as NaN.
     """
+    stats = stats.assign(**{Col.CANCER: stats[Col.CANCER].astype(str).replace(
+        {k: PAN_CANCER for k in LEGACY_PAN_KEYS})})
     clip = float(stats["clip"].iloc[0])
     genes = expression.columns
     out = np.full(expression.shape, np.nan, dtype=np.float32)

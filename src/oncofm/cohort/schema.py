@@ -14,6 +14,12 @@ import pandas as pd
 from oncofm.errors import DataValidationError
 from oncofm.survival.endpoints import horizon_label
 
+#: The one pan-cancer key: the Cox table's stratified rows and the normalisation statistics of all training
+#: patients both use it; a cancer type unseen in training falls back to it.
+PAN_CANCER = "__pan__"
+#: Written by runs made before the two keys were one (normalisation only); read as PAN_CANCER.
+LEGACY_PAN_KEYS = ("__all__",)
+
 
 class Col:
     """Column names of ``patients.parquet`` (one place, no scattered literals)."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from oncofm.distributed.executor import BatchResult, ExecutorSettings, run_per_item
 
 if TYPE_CHECKING:
-    from oncofm.pathology.tiling import SlideResult, TilingSettings
+    from oncofm.pathology.tiling import TilingResult, TilingSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def tile_many(
     address: str | None = None,
     *,
     progress: bool = True,
-) -> list[SlideResult]:
+) -> list[TilingResult]:
     """Tile ``paths`` into ``out_dir``, one task per slide, on ``executor`` (``local`` or ``ray``).
 
     Parameters
@@ -49,11 +49,11 @@ def tile_many(
 
     Returns
     -------
-    list[SlideResult]
+    list[TilingResult]
         One per slide, in the order of ``paths``: ``done``, ``skipped`` (output existed), ``busy`` (another
         worker holds the slide's lock) or ``failed`` (also listed in ``out_dir/failures.csv``).
     """
-    from oncofm.pathology.tiling import SlideResult, _process_one, record_outcomes
+    from oncofm.pathology.tiling import TilingResult, _process_one, record_outcomes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def tile_many(
     batch = run_per_item(task, [str(p) for p in paths], executor=_executor_settings(executor, workers, address,
                                                                                      settings.workers),
                          description="tiling", progress=progress)
-    results = [o.value if o.status == "ok" else SlideResult(slide=str(o.item), status="failed", reason=o.reason)
+    results = [o.value if o.status == "ok" else TilingResult(slide=str(o.item), status="failed", reason=o.reason)
                for o in batch.outcomes]
     record_outcomes(out, results)
     _log_summary(results, batch, out)
@@ -77,7 +77,7 @@ def _executor_settings(executor: str | ExecutorSettings, workers: int | None, ad
     return ExecutorSettings.build(executor=executor, workers=workers or default_workers, address=address)
 
 
-def _log_summary(results: list[SlideResult], batch: BatchResult, out: Path) -> None:
+def _log_summary(results: list[TilingResult], batch: BatchResult, out: Path) -> None:
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "busy", "failed")}
     log.info("tiling on %s (%d workers): %s (%d patches) in %.1f s -> %s", batch.executor, batch.workers,
              ", ".join(f"{v} {k}" for k, v in counts.items() if v), sum(r.n_patches for r in results),

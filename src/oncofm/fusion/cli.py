@@ -16,10 +16,11 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         redo: bool = typer.Option(False, help="Rebuild even if the dataset exists."),
     ) -> None:
         """Build RUN/reasoning/dataset.jsonl: evidence record + template target text per patient."""
+        from oncofm.fusion.evidence import EvidenceSettings
         from oncofm.fusion.reasoning import ReasoningSettings, build_reasoning_dataset
 
-        paths = build_reasoning_dataset(ReasoningSettings.build(run=str(run), top_genes=top_genes, seed=seed,
-                                                                redo=redo))
+        paths = build_reasoning_dataset(ReasoningSettings.build(run=str(run), evidence=EvidenceSettings(top_genes=top_genes),
+                                                                seed=seed, redo=redo))
         for name, path in paths.items():
             typer.echo(f"{name}: {path}")
 
@@ -37,7 +38,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         redo: bool = typer.Option(False, help="Retrain even if a fusion model exists."),
     ) -> None:
         """Fine-tune LoRA + projector on [soft tokens + prompt] -> target; then evaluate on the test split."""
-        from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion, format_metrics
+        from oncofm.fusion.evaluate import FusionEvaluateSettings, evaluate_fusion, format_metrics
         from oncofm.fusion.llm import LLMSettings
         from oncofm.fusion.train import FusionSettings, train_fusion
 
@@ -51,7 +52,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         for name, path in train_fusion(settings).items():
             typer.echo(f"{name}: {path}")
         if evaluate:
-            metrics = evaluate_fusion(EvaluateSettings.build(
+            metrics = evaluate_fusion(FusionEvaluateSettings.build(
                 run=str(run), max_eval_patients=settings.max_eval_patients, max_new_tokens=settings.max_new_tokens,
                 batch_size=settings.gen_batch_size, threads=settings.threads))
             for line in format_metrics(metrics):
@@ -67,9 +68,9 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         readout: str = typer.Option("marginal", help="Prediction-line read-out: marginal | verdict (docs/fusion.md)."),
     ) -> None:
         """Generate explanations for a split and score parse rate, AUC, faithfulness, perplexity."""
-        from oncofm.fusion.evaluate import EvaluateSettings, evaluate_fusion, format_metrics
+        from oncofm.fusion.evaluate import FusionEvaluateSettings, evaluate_fusion, format_metrics
 
-        metrics = evaluate_fusion(EvaluateSettings.build(run=str(run), split=split,
+        metrics = evaluate_fusion(FusionEvaluateSettings.build(run=str(run), split=split,
                                                          max_eval_patients=max_eval_patients, threads=threads,
                                                          max_new_tokens=max_new_tokens, readout=readout))
         for line in format_metrics(metrics):

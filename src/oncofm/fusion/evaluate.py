@@ -28,18 +28,19 @@ import pandas as pd
 from pydantic import Field
 
 from oncofm.config import StageSettings
+from oncofm.errors import OncoFMError
 from oncofm.fusion.parse import parse_prediction
 from oncofm.io import atomic_path, write_json, write_text
 from oncofm.paths import RunLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvaluateSettings", "evaluate_fusion", "base_perplexity", "write_expert_export", "RATING_COLUMNS"]
+__all__ = ["FusionEvaluateSettings", "evaluate_fusion", "base_perplexity", "write_expert_export", "RATING_COLUMNS"]
 
 RATING_COLUMNS = ("clinical_validity_1to5", "logic_1to5", "fluency_1to5", "comment")
 
 
-class EvaluateSettings(StageSettings):
+class FusionEvaluateSettings(StageSettings):
     stage: ClassVar[str] = "fusion_eval"
 
     run: str
@@ -49,6 +50,9 @@ class EvaluateSettings(StageSettings):
     batch_size: int = Field(16, ge=1)
     threads: int = Field(0, ge=0)
     precision: str = Field("auto", description="generation dtype: auto (bf16 where native) | fp32 | bf16")
+    decoding: Literal["structured", "free"] = Field(
+        "structured", description="structured: the grammar of the templates' slots, the LLM chooses each sentence "
+        "and the verdict; free: token-by-token greedy decoding (oncofm.fusion.generate.DECODINGS)")
     readout: Literal["marginal", "verdict"] = Field(
         "marginal", description="how the prediction line is read out of the LLM (oncofm.fusion.generate.READOUTS)")
     timed_alone: int = Field(5, ge=0, description="patients also explained one at a time through the product "
@@ -115,34 +119,29 @@ def _model_probs(layout: RunLayout, name: str) -> pd.Series:
     return pd.read_parquet(path).groupby("patient_id")["prob"].mean()
 
 
-def _one_explanation_seconds(settings: EvaluateSettings, records: list[dict]) -> list[float]:
-    """The latency a user sees: each patient alone through the product path (:func:`explain_patient`, the
-    model already loaded, as in a running product)."""
-    from oncofm.fusion.explain import explain_patient, product_model
-    from oncofm.fusion.fuse import load_embeddings
+def _one_explanation_seconds(settings: FusionEvaluateSettings, rows: list[tuple]) -> list[float]:
+    """The latency a user sees: each patient alone through the product's predictor (fp32, LoRA merged,
+    already loaded as in a running product)."""
+    from oncofm.fusion.predict import FusionPredictor
 
-    product_model(settings.run)  # loaded outside the timing
-    if not records:
-        return []
-    emb = load_embeddings(settings.run, [r["patient_id"] for r in records])  # read once, in the records' order
+    predictor = FusionPredictor.from_run(RunLayout(settings.run))  # loaded outside the timing
     out = []
-    for i, record in enumerate(records):
-        fused = {"omics": emb.omics[i] if emb.has_omics[i] else None,
-                 "slide": emb.slide[i] if emb.has_slide[i] else None}
+    for row in rows:
         t = time.perf_counter()
-        explain_patient(settings.run, record["evidence"], fused, max_new_tokens=settings.max_new_tokens)
+        predictor.generate([row], max_new_tokens=settings.max_new_tokens, readout=settings.readout,
+                           decoding=settings.decoding)
         out.append(time.perf_counter() - t)
     return out
 
 
-def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
+def evaluate_fusion(settings: FusionEvaluateSettings) -> dict[str, Any]:
     """Generate explanations for the split's labelled patients and score them; returns the metrics."""
     import torch
 
     from oncofm.fusion.faithfulness import FaithfulnessScore, score_faithfulness
-    from oncofm.fusion.generate import generate_texts
+    from oncofm.fusion.fuse import load_embeddings
+    from oncofm.fusion.predict import FusionPredictor
     from oncofm.fusion.reasoning import HEAD_FILE, read_dataset
-    from oncofm.fusion.train import fusion_items, load_fusion_model
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -153,26 +152,40 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
         rng = np.random.default_rng(settings.seed)
         keep = sorted(rng.choice(len(records), settings.max_eval_patients, replace=False).tolist())
         records = [records[i] for i in keep]
-    model, tokenizer, cfg = load_fusion_model(settings.run, precision=settings.precision)
-    items = fusion_items(tokenizer, records, settings.run, with_target=False, dims=(cfg["d_omics"], cfg["d_slide"]))
+    # the product's predictor (LoRA merged), in the evaluation's precision; batch 1 = the product's decoding
+    predictor = FusionPredictor.load(settings.run, precision=settings.precision, merge=True)
+    model, tokenizer, cfg = predictor.model, predictor.tokenizer, predictor.config
+    emb = load_embeddings(settings.run, [r["patient_id"] for r in records], omics_dim=predictor.d_omics,
+                          slide_dim=predictor.d_slide)
+    if (emb.omics.shape[1], emb.slide.shape[1]) != (predictor.d_omics, predictor.d_slide):
+        raise OncoFMError(f"embedding widths {(emb.omics.shape[1], emb.slide.shape[1])} differ from the trained "
+                          f"fusion model's {(predictor.d_omics, predictor.d_slide)}; retrain with "
+                          "`oncofm train fusion --redo`")
+    rows_in = [(r["patient_id"], r["evidence"], emb.omics[i] if emb.has_omics[i] else None,
+                emb.slide[i] if emb.has_slide[i] else None) for i, r in enumerate(records)]
     t0 = time.perf_counter()
-    texts = generate_texts(model, tokenizer, items, max_new_tokens=settings.max_new_tokens,
-                           batch_size=settings.batch_size, readout=settings.readout)
+    texts = [g.text for g in predictor.generate(rows_in, batch_size=settings.batch_size, readout=settings.readout,
+                                                max_new_tokens=settings.max_new_tokens, progress=True,
+                                                decoding=settings.decoding)]
     gen_seconds = time.perf_counter() - t0
-    single = _one_explanation_seconds(settings, records[: settings.timed_alone])
+    single = _one_explanation_seconds(settings, rows_in[: settings.timed_alone])
 
     vocab = set(pd.read_parquet(layout.expression).columns.astype(str)) if layout.expression.exists() else set()
     vocab |= {g["gene"] for r in records for g in (r["evidence"]["risk_genes"] + r["evidence"]["protective_genes"])}
+    from oncofm.fusion.checker import aggregate as aggregate_checks
+    from oncofm.fusion.checker import check_explanation
+
     total = FaithfulnessScore()
-    rows = []
+    rows, checks = [], []
     for r, text in zip(records, texts, strict=True):
         parsed = parse_prediction(text)
         f = score_faithfulness(text, r["evidence"], vocab)
         total = total + f
+        checks.append(check_explanation(text, r["evidence"], vocab))
         rows.append({"patient_id": r["patient_id"], "label": r["label"], "generated": text,
                      "parsed": parsed is not None, "risk": parsed.risk if parsed else None,
                      "death": parsed.death if parsed else None, "faithfulness": f.faithfulness,
-                     "evidence": r["evidence"], "reference": r["target"]})
+                     "evidence": r["evidence"], "reference": r["target"], "check": checks[-1].as_dict()})
     with atomic_path(out / "generations.jsonl") as tmp, open(tmp, "w") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -200,6 +213,7 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
         "outcome_word_accuracy": float(np.mean([r["death"] == bool(r["label"]) for r in rows if r["parsed"]]))
         if parsed.any() else float("nan"),
         **{k: v for k, v in total.as_dict().items()},
+        "check": aggregate_checks(checks),  # the strict checker (oncofm.fusion.checker)
         "perplexity_base_generated": base_perplexity(model, tokenizer, texts),
         "perplexity_base_reference": base_perplexity(model, tokenizer, [r["reference"] for r in rows]),
         "seconds_per_explanation_batched": gen_seconds / max(1, len(rows)),
@@ -207,6 +221,7 @@ def evaluate_fusion(settings: EvaluateSettings) -> dict[str, Any]:
         "seconds_one_explanation_max": max(single, default=float("nan")),
         "n_timed_alone": len(single),
         "readout": settings.readout,
+        "decoding": settings.decoding,
         "generation_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "train": {k: cfg.get(k) for k in ("n_train_patients", "n_val_patients", "best_epoch", "best_val_loss",
                                           "epochs_run", "train_seconds", "trainable_parameters")},
@@ -225,6 +240,8 @@ def _diff(d: list[float]) -> str:
 
 def format_metrics(m: dict[str, Any]) -> list[str]:
     """The metric lines printed by the CLI."""
+    from oncofm.fusion.checker import format_check
+
     return [
         f"parse rate: {m['parse_rate']:.3f} ({m['n_parsed']}/{m['n_generated']} {m['split']} patients)",
         f"AUC parsed risk: {m['auc_text']:.3f} | fused-embedding head: {m['auc_fused_head']:.3f} | "
@@ -236,6 +253,7 @@ def format_metrics(m: dict[str, Any]) -> list[str]:
         f"outcome words correct: {m['outcome_word_accuracy']:.3f}",
         f"faithfulness: {m['faithfulness']:.3f} | named genes outside the evidence: {m['hallucinated_gene_rate']:.3f} "
         f"({m['genes_named']} genes, {m['directions']} directions, {m['numbers']} numbers checked)",
+        *([format_check(m["check"])] if "check" in m else []),
         f"perplexity under base LLM: generated {m['perplexity_base_generated']:.2f} | reference targets "
         f"{m['perplexity_base_reference']:.2f}",
         f"seconds per explanation: {m['seconds_per_explanation_batched']:.2f} batched | "

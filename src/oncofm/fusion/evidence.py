@@ -1,31 +1,94 @@
-"""The evidence record of one patient: what the explanation may say, computed from the run's artifacts.
+"""The evidence record of one patient: what an explanation may say, built by ONE function from the
+predictors' results — at training time (the reasoning dataset) and for a new patient (``explain``) alike.
 
-Everything an explanation states must come from here (faithfulness is measured against it):
-cancer type; the omics model's probability; the top risk and protective genes (by the omics model's
-signed attribution) with their normalised expression z-score, the sign of their Cox coefficient in the
-patient's cancer type and its FDR q-value; the slide model's probability; image findings from the most
-attended patches (how concentrated the attention is, their morphometrics against the slide's average);
-and which modalities are missing.
+:func:`build_evidence` takes an :class:`~oncofm.omics.predict.OmicsResult` and a
+:class:`~oncofm.pathology.predict.SlideResult` (either may be absent) with the slide's
+:class:`~oncofm.pathology.predict.PatchSummary`, and :class:`EvidenceSettings` (how many genes, which
+share of patches counts as "top"): the settings are saved with the reasoning dataset and the fusion model
+and read back at inference, so a new patient's record is built exactly as the training records were.
+
+What the record holds (faithfulness is measured against it): cancer type and age; the omics model's
+probability; the top risk and protective genes (by the omics model's signed attribution) with their
+normalised expression z-score, the sign of their Cox coefficient in the patient's cancer type (the
+pan-cancer coefficient for a type unseen in training) and its FDR q-value; the slide model's
+probability; image findings from the most attended patches (how concentrated the attention is, their
+morphometrics against the slide's average); and which modalities are missing.
+
+:class:`Evidence` renders the LLM prompt (:meth:`Evidence.prompt`) and lists the numbers a checker may
+find in a text (:meth:`Evidence.numbers`); :meth:`Evidence.to_dict` is the JSON form stored in
+``reasoning/dataset.jsonl`` and ``explanation.json`` (docs/CONTRACTS.md).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
-from oncofm.paths import RunLayout
+if TYPE_CHECKING:
+    from oncofm.omics.predict import OmicsResult
+    from oncofm.pathology.predict import PatchSummary, SlideResult
 
-log = logging.getLogger(__name__)
-
-__all__ = ["gene_evidence", "image_findings", "evidence_prompt", "evidence_numbers", "MORPH_FEATURES"]
+__all__ = ["Evidence", "EvidenceSettings", "MORPH_FEATURES", "SIGNIFICANCE_Q", "attention_concentration",
+           "build_evidence", "cox_agrees", "evidence_numbers", "evidence_prompt", "gene_facts", "significance"]
 
 MORPH_FEATURES = {"nuclei_density": "nuclear density", "hematoxylin_od": "hematoxylin stain",
                   "eosin_od": "eosin stain", "tissue_fraction": "tissue cover"}
+
+
+class EvidenceSettings(BaseModel):
+    """How an evidence record is built; saved with the reasoning dataset and the fusion model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_genes: int = Field(3, ge=1, le=10, description="risk genes and protective genes per patient")
+    gene_rule: Literal["consistent", "attribution"] = Field(
+        "consistent", description="consistent: cite the genes with the largest attributions among those whose "
+        "direction agrees with the univariate Cox evidence, sign(z x coef) (genes without a Cox coefficient or "
+        "z-score count as agreeing); attribution: the largest attributions, whatever the Cox evidence says")
+    top_fraction: float = Field(0.1, gt=0, le=1, description="share of patches whose attention share is stated")
+    top_patches: int = Field(8, ge=1, description="most attended patches summarised as image findings")
+    sample_patches: int = Field(32, ge=1, description="patches sampled as the slide's reference morphometrics")
+    seed: int = Field(0, description="seed of the reference-patch sample")
+
+
+@dataclass
+class Evidence:
+    """One patient's evidence record (genes as ``{gene, z, cox, q, attribution}``; image as
+    ``{n_patches, top_fraction, top_share, findings: [{feature, name, top, slide, ratio}]}``)."""
+
+    cancer_type: str
+    age: float | None = None
+    omics_prob: float | None = None
+    risk_genes: list[dict[str, Any]] = field(default_factory=list)
+    protective_genes: list[dict[str, Any]] = field(default_factory=list)
+    slide_prob: float | None = None
+    image: dict[str, Any] | None = None
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Evidence:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+    def prompt(self) -> str:
+        """The compact text the LLM reads in its prompt."""
+        return evidence_prompt(self.to_dict())
+
+    def numbers(self) -> list[float]:
+        """Every number in the record (a text may state only these)."""
+        return evidence_numbers(self.to_dict())
+
+    @property
+    def genes(self) -> list[str]:
+        return [g["gene"] for g in self.risk_genes + self.protective_genes]
 
 
 def _r(x: Any, nd: int = 2) -> float | None:
@@ -35,43 +98,43 @@ def _r(x: Any, nd: int = 2) -> float | None:
     return None if math.isnan(x) or math.isinf(x) else round(x, nd)
 
 
-def cox_lookup(coefficients: pd.DataFrame | None, horizon_years: float = 5.0) -> dict[tuple[str, str], tuple[float, float]]:
-    """``(cancer_type, gene) -> (coef, q)``; the pan-cancer row is stored under ``("__pan__", gene)``."""
-    if coefficients is None or coefficients.empty:
-        return {}
-    df = coefficients
-    if "horizon_years" in df.columns and df["horizon_years"].notna().any():
-        hz = df["horizon_years"].astype(float)
-        best = hz.iloc[(hz - horizon_years).abs().argsort()].iloc[0]
-        df = df[(hz == best) | hz.isna()]
-    out: dict[tuple[str, str], tuple[float, float]] = {}
-    qs = df["q"] if "q" in df.columns else pd.Series(np.nan, index=df.index)
-    for ct, gene, coef, q in zip(df["cancer_type"].astype(str), df["gene"].astype(str), df["coef"], qs,
-                                 strict=True):
-        out[(ct, gene)] = (float(coef), float(q))
+def _gene_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for row in table.itertuples(index=False):
+        coef = float(getattr(row, "coef", float("nan")))
+        q = float(getattr(row, "q", float("nan")))
+        out.append({"gene": str(row.gene), "z": _r(getattr(row, "expression_z", float("nan")), 1),
+                    "cox": None if math.isnan(coef) else ("+" if coef > 0 else "-"),
+                    "q": None if math.isnan(q) else float(f"{q:.2g}"), "attribution": _r(row.attribution, 4)})
     return out
 
 
-def gene_evidence(attributions: pd.DataFrame, z: pd.Series, cancer_type: str,
-                  cox: dict[tuple[str, str], tuple[float, float]], top: int) -> tuple[list[dict], list[dict]]:
+def cox_agrees(table: pd.DataFrame) -> pd.Series:
+    """Per row: does the sign of the model's attribution agree with the univariate Cox direction
+    sign(z × coef)? Rows without a finite z, coefficient or attribution count as agreeing (nothing to
+    contradict)."""
+    a = table["attribution"].to_numpy(float)
+    zc = (table["expression_z"].to_numpy(float) * table["coef"].to_numpy(float) if {"expression_z", "coef"} <=
+          set(table.columns) else np.full(len(table), np.nan))
+    known = np.isfinite(zc) & (zc != 0) & np.isfinite(a) & (a != 0)
+    return pd.Series(~known | (np.sign(a) == np.sign(zc)), index=table.index)
+
+
+def gene_evidence(attributions: pd.DataFrame, top: int, rule: str = "consistent") -> tuple[list[dict], list[dict]]:
     """Top ``top`` risk (attribution > 0) and protective (< 0) genes of one patient.
 
-    ``attributions``: columns ``gene, attribution`` for this patient; ``z``: normalised expression by gene.
+    ``attributions``: the omics result's table (``gene, attribution, expression_z, coef, q``). With ``rule``
+    ``consistent`` only genes whose attribution agrees with :func:`cox_agrees` are cited, so the direction a
+    text states for a gene (its contribution to this prediction) never contradicts the univariate evidence
+    printed beside it; no gene is in both lists.
     """
-    att = attributions.dropna(subset=["attribution"]).sort_values("attribution")
+    att = attributions.dropna(subset=["attribution"]).drop_duplicates("gene")
+    if rule == "consistent":
+        att = att[cox_agrees(att)]
+    att = att.sort_values("attribution", kind="stable")
     risk = att[att["attribution"] > 0].iloc[::-1].head(top)
     prot = att[att["attribution"] < 0].head(top)
-
-    def rows(df: pd.DataFrame) -> list[dict]:
-        out = []
-        for gene, a in zip(df["gene"].astype(str), df["attribution"], strict=True):
-            coef, q = cox.get((cancer_type, gene), cox.get(("__pan__", gene), (float("nan"), float("nan"))))
-            zi = _r(z.get(gene, float("nan")), 1)
-            out.append({"gene": gene, "z": zi, "cox": (None if math.isnan(coef) else ("+" if coef > 0 else "-")),
-                        "q": None if math.isnan(q) else float(f"{q:.2g}"), "attribution": _r(a, 4)})
-        return out
-
-    return rows(risk), rows(prot)
+    return _gene_rows(risk), _gene_rows(prot)
 
 
 def attention_concentration(attention: np.ndarray, top_fraction: float = 0.1) -> float:
@@ -81,63 +144,44 @@ def attention_concentration(attention: np.ndarray, top_fraction: float = 0.1) ->
     return float(a[:k].sum() / max(a.sum(), 1e-12))
 
 
-def image_findings(run: str | Path, slide_stem: str, *, top_k: int = 8, sample: int = 32,
-                   top_fraction: float = 0.1, seed: int = 0) -> dict | None:
-    """Attention concentration and morphometrics of the ``top_k`` most attended patches vs the slide.
+def morphometric_findings(summary: PatchSummary | None, n_patches: int | None = None) -> list[dict[str, Any]]:
+    """The most attended patches' mean morphometrics against the slide's, for :data:`MORPH_FEATURES`.
 
-    Reads ``models/slide/attention/<slide_stem>.parquet``; morphometrics need the tiles file
-    ``tiles/<slide_stem>.h5`` and the slide itself (skipped, with a log line, when either is missing).
-    """
-    layout = RunLayout(run)
-    att_path = layout.model_dir("slide") / "attention" / f"{slide_stem}.parquet"
-    if not att_path.exists():
-        return None
-    att = pd.read_parquet(att_path)
-    if att.empty:
-        return None
-    out: dict[str, Any] = {"n_patches": int(len(att)), "top_fraction": top_fraction,
-                           "top_share": _r(attention_concentration(att["attention"].to_numpy(), top_fraction), 2),
-                           "findings": []}
-    try:
-        out["findings"] = _morphometric_findings(layout, slide_stem, att, top_k, sample, seed)
-    except Exception as exc:  # morphometrics are optional evidence: never fail the dataset for them
-        log.info("no morphometrics for %s: %s", slide_stem, exc)
+    None when the attended patches are half the slide's ``n_patches`` or more: they are then (nearly) the
+    slide itself, and "x times the slide average" would say nothing."""
+    if summary is None or not summary.patches:
+        return []
+    if n_patches is not None and 2 * len(summary.patches) > n_patches:
+        return []
+    top = {k: float(np.mean([p.morphometrics[k] for p in summary.patches])) for k in summary.patches[0].morphometrics}
+    out = []
+    for key, name in MORPH_FEATURES.items():
+        ref = summary.slide_mean.get(key)
+        if key in top and ref is not None and np.isfinite(ref) and ref > 1e-9 and np.isfinite(top[key]):
+            out.append({"feature": key, "name": name, "top": _r(top[key], 3), "slide": _r(ref, 3),
+                        "ratio": _r(top[key] / ref, 2)})
     return out
 
 
-def _morphometric_findings(layout: RunLayout, slide_stem: str, att: pd.DataFrame, top_k: int, sample: int,
-                           seed: int) -> list[dict]:
-    import h5py
-
-    from oncofm.pathology.morphometrics import patch_morphometrics
-    from oncofm.pathology.reader import open_slide
-
-    h5 = layout.tiles_dir / f"{slide_stem}.h5"
-    if not h5.exists():
-        return []
-    with h5py.File(h5, "r") as fh:
-        attrs = dict(fh.attrs)
-    # the tiler recorded the slide's level-0 mpp (it may come from --slide-mpp, not the file)
-    slide = open_slide(str(attrs["slide_path"]), mpp=float(attrs["slide_mpp"]))
-    level, size = int(attrs["read_level"]), int(attrs["read_size"])
-    read_mpp = float(attrs["slide_mpp"]) * float(attrs["downsample"])  # µm/px of the pixels measured
-    order = att.sort_values("attention", ascending=False)
-    top = order.head(top_k)
-    rng = np.random.default_rng(seed)
-    rest = att.iloc[rng.choice(len(att), size=min(sample, len(att)), replace=False)]
-
-    def morph(rows: pd.DataFrame) -> pd.DataFrame:
-        vals = [patch_morphometrics(slide.read_region((int(x), int(y)), level, (size, size)), mpp=read_mpp)
-                for x, y in zip(rows["x"], rows["y"], strict=True)]
-        return pd.DataFrame(vals)
-
-    mt, mr = morph(top).mean(), morph(rest).mean()
-    findings = []
-    for key, name in MORPH_FEATURES.items():
-        if key in mt and key in mr and mr[key] > 1e-9:
-            findings.append({"feature": key, "name": name, "top": _r(mt[key], 3), "slide": _r(mr[key], 3),
-                             "ratio": _r(mt[key] / mr[key], 2)})
-    return findings
+def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | None, slide: SlideResult | None,
+                   patches: PatchSummary | None, settings: EvidenceSettings) -> Evidence:
+    """The evidence record from the predictors' results (the one builder; see the module docstring)."""
+    ev = Evidence(cancer_type=str(cancer_type), age=None if age is None or pd.isna(age) else float(age))
+    if omics is None:
+        ev.missing.append("omics")
+    else:
+        ev.omics_prob = _r(omics.prob, 2)
+        ev.risk_genes, ev.protective_genes = gene_evidence(omics.attributions, settings.top_genes,
+                                                           settings.gene_rule)
+    if slide is None:
+        ev.missing.append("slide")
+    else:
+        ev.slide_prob = _r(slide.prob, 2)
+        if len(slide.attention):  # no attention stored: the probability alone, no image findings
+            ev.image = {"n_patches": int(len(slide.attention)), "top_fraction": settings.top_fraction,
+                        "top_share": _r(attention_concentration(slide.attention, settings.top_fraction), 2),
+                        "findings": morphometric_findings(patches, len(slide.attention))}
+    return ev
 
 
 def gene_facts(x: dict) -> list[str]:
@@ -149,11 +193,21 @@ def gene_facts(x: dict) -> list[str]:
         facts.append(f"Cox {x['cox']}")
     if x.get("q") is not None:
         facts.append(f"q {x['q']:.2g}")
+        facts.append(significance(x["q"]))
     return facts
 
 
+#: FDR below which a gene's Cox association is called significant in the text
+SIGNIFICANCE_Q = 0.05
+
+
+def significance(q: float) -> str:
+    """``significant`` (q < :data:`SIGNIFICANCE_Q`) or ``not significant``: the word beside each q."""
+    return "significant" if q < SIGNIFICANCE_Q else "not significant"
+
+
 def evidence_prompt(ev: dict) -> str:
-    """The evidence record as the compact text the LLM reads in its prompt."""
+    """The evidence record (its dict form) as the compact text the LLM reads in its prompt."""
     lines = [f"Cancer type: {ev['cancer_type']}"]
     if ev.get("age") is not None:
         lines.append(f"Age: {ev['age']:.0f}")

@@ -51,7 +51,8 @@ import torch
 from oncofm.fusion.model import FusionItem, FusionLLM
 from oncofm.fusion.parse import PREDICTION_RE
 
-__all__ = ["generate_texts", "PredictionLineStop", "PredictionStartStop", "cut_after_prediction", "OUTCOMES"]
+__all__ = ["generate_texts", "structured_reasoning", "PredictionLineStop", "PredictionStartStop",
+           "cut_after_prediction", "DECODINGS", "OUTCOMES"]
 
 OUTCOMES = ("death within 5 years", "alive at 5 years")
 _START_RE = re.compile(r"prediction\s*[:：]", re.IGNORECASE)
@@ -313,6 +314,59 @@ def _check_readout(readout: str) -> None:
         raise ValueError(f"unknown prediction read-out {readout!r}; choose one of {sorted(READOUTS)}")
 
 
+#: how the reasoning is decoded: ``structured`` (the default) fixes the grammar — the slots of
+#: :func:`oncofm.fusion.templates.slot_options`, each sentence stating the record's facts — and the LLM chooses,
+#: slot by slot, the sentence it finds likeliest, then the closing verdict among all closings; ``free`` is
+#: greedy token-by-token decoding (lookup drafts at batch size 1).
+DECODINGS = ("structured", "free")
+
+
+@torch.no_grad()
+def structured_reasoning(model: FusionLLM, tokenizer: Any, context: torch.Tensor, evidence: dict
+                         ) -> tuple[str, list[int], Any]:
+    """The reasoning written slot by slot: for each slot the LLM scores every alternative sentence (its
+    log-probability after the soft tokens, the prompt and the sentences chosen so far; all alternatives of a
+    slot in one forward pass on the KV cache of the prefix) and the likeliest is kept; last, the closing verdict among all closings
+    of either outcome. The facts cannot be wrong, repeated or out of order; which sentences, and which
+    verdict, are the LLM's choice. Returns (reasoning, its token ids, the KV cache over context + ids) so the
+    prediction line can reuse the cache."""
+    from transformers import DynamicCache
+
+    from oncofm.fusion.templates import CLOSINGS, slot_options
+
+    cache = DynamicCache()
+    next_logits = _feed(model, cache, embeds=context)[-1]
+    length = context.shape[0]
+    closings = tuple(sentence for pair in CLOSINGS for sentence in pair)
+    chosen: list[str] = []
+    dev = next(model.parameters()).device
+    generated: list[int] = []
+    for options in [*slot_options(evidence), closings]:
+        cands = [_ids(tokenizer, (" " if chosen else "") + sentence) for sentence in options]
+        best = 0
+        if len(cands) > 1:
+            # every alternative in one forward pass: the prefix cache repeated over the rows, the shorter rows
+            # padded at the end (causal attention: padding after a row's tokens cannot change their logits)
+            width = max(len(c) for c in cands)
+            batch = torch.tensor([c + [c[-1]] * (width - len(c)) for c in cands], device=dev)
+            cache.batch_repeat_interleave(len(cands))
+            logits = model.llm(input_ids=batch, cache=cache, use_cache=True).logits.float()  # (R, width, V)
+            scores = []
+            for r, c in enumerate(cands):
+                pred = torch.cat([next_logits[None], logits[r, : len(c) - 1]])  # predictions of the row's ids
+                scores.append(float(torch.log_softmax(pred, -1)[torch.arange(len(c)), torch.tensor(c)].sum()))
+            best = max(range(len(cands)), key=scores.__getitem__)
+            cache.batch_select_indices(torch.tensor([best], device=dev))
+            _crop(cache, length + len(cands[best]))
+            next_logits = logits[best, len(cands[best]) - 1]
+        else:
+            next_logits = _feed(model, cache, cands[0])[-1]
+        chosen.append(options[best])
+        generated += cands[best]
+        length += len(cands[best])
+    return " ".join(chosen), generated, cache
+
+
 def cut_after_prediction(text: str) -> str:
     """``text`` up to and including its first complete prediction line."""
     m = PREDICTION_RE.search(text)
@@ -322,8 +376,12 @@ def cut_after_prediction(text: str) -> str:
 @torch.no_grad()
 def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *, max_new_tokens: int = 200,
                    batch_size: int = 8, progress: bool = True, constrained: bool = True, draft: int = 16,
-                   readout: str = "marginal") -> list[str]:
+                   readout: str = "marginal", decoding: str = "free") -> list[str]:
     """Greedy explanations for ``items`` (their prompts; targets ignored).
+
+    ``decoding`` ``structured`` writes each row's reasoning with :func:`structured_reasoning` (the items must
+    carry their evidence; rows one at a time) and then its prediction line under the grammar; ``free`` as
+    follows.
 
     ``batch_size`` 1 decodes each row with lookup drafts of up to ``draft`` tokens (:func:`greedy_lookup`,
     the product path; ``draft=0`` is plain greedy decoding, one token per forward pass); larger batches go
@@ -354,6 +412,20 @@ def generate_texts(model: FusionLLM, tokenizer: Any, items: list[FusionItem], *,
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r}; choose one of {DECODINGS}")
+    if decoding == "structured":
+        for it in track(items, "generating", enabled=progress):
+            if it.evidence is None:
+                raise ValueError("structured decoding needs each item's evidence (encode_item(with_target=False))")
+            one = lambda t: t[None].to(device, dtype)  # noqa: E731
+            soft = model.soft_tokens(one(it.omics), one(it.slide), torch.tensor([it.has_omics], device=device),
+                                     torch.tensor([it.has_slide], device=device))[0]
+            row = torch.cat([soft, model.embed(torch.tensor(it.prompt_ids, device=device)[None])[0].to(soft.dtype)])
+            reasoning, ids, cache = structured_reasoning(model, tokenizer, row, it.evidence)
+            out.append(constrained_prediction(model, tokenizer, row, it.prompt_ids, reasoning, generated=ids,
+                                              cache=cache, readout=readout))
+        return out
     batches = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in track(batches, "generating", enabled=progress):
         omics = torch.stack([it.omics for it in batch]).to(device, dtype)

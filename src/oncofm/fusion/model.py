@@ -43,6 +43,8 @@ class FusionItem:
     target_ids: list[int] | None = None
     #: token ids of template renderings of the evidence (-1 between texts): drafts for speculative decoding
     draft_ids: list[int] = field(default_factory=list)
+    #: the evidence record (generation only): the facts the structured decoder's sentences state
+    evidence: dict | None = None
 
 
 def build_prompt_ids(tokenizer: Any, evidence: dict) -> list[int]:
@@ -69,7 +71,8 @@ def encode_item(tokenizer: Any, record: dict, omics: Any, slide: Any, has_omics:
             draft_ids += [*tokenizer(text, add_special_tokens=False)["input_ids"], -1]
     return FusionItem(record["patient_id"], torch.as_tensor(omics, dtype=torch.float32),
                       torch.as_tensor(slide, dtype=torch.float32), bool(has_omics), bool(has_slide),
-                      build_prompt_ids(tokenizer, record["evidence"]), target_ids, draft_ids)
+                      build_prompt_ids(tokenizer, record["evidence"]), target_ids, draft_ids,
+                      None if with_target else record["evidence"])
 
 
 def collate(items: list[FusionItem], pad_id: int) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from oncofm.config import StageSettings
 from oncofm.errors import OncoFMError
-from oncofm.fusion.evidence import cox_lookup, gene_evidence, image_findings
+from oncofm.fusion.evidence import EvidenceSettings, build_evidence
 from oncofm.fusion.fuse import fused_matrix, load_embeddings
 from oncofm.fusion.templates import render_target
 from oncofm.io import atomic_path, write_parquet
@@ -49,14 +49,12 @@ class ReasoningSettings(StageSettings):
     stage: ClassVar[str] = "reasoning"
 
     run: str
-    top_genes: int = Field(3, ge=1, le=10, description="risk genes and protective genes per patient")
+    evidence: EvidenceSettings = Field(default_factory=EvidenceSettings,
+                                       description="how each evidence record is built (saved with the fusion model)")
     horizon_years: float = Field(5.0, gt=0)
     head_folds: int = Field(5, ge=2, description="folds for the out-of-fold risk of training patients")
     head_c_grid: list[float] = Field([0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
                                      description="inverse L2 strengths tried; the best validation AUC wins")
-    top_patches: int = Field(8, ge=1, description="most attended patches summarised as image findings")
-    fallback_q: float = Field(0.25, gt=0, le=1, description="without omics attributions: genes ranked by Cox "
-                              "contribution coef*z among genes with q below this")
     seed: int = 0
     redo: bool = False
 
@@ -121,15 +119,18 @@ def _load_optional(path: Path) -> pd.DataFrame | None:
 def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     """Write ``reasoning/dataset.jsonl`` and ``reasoning/fused_head.parquet``; returns their paths."""
     from oncofm.cohort.importing import load_patients
-    from oncofm.cohort.normalize import load_normalized_expression
     from oncofm.cohort.schema import five_year_labels
     from oncofm.cohort.splits import load_splits
+    from oncofm.omics.predict import stored_omics_results
+    from oncofm.pathology.predict import stored_patch_summary, stored_slide_results
 
     layout = RunLayout(settings.run)
     out_dir = layout.reasoning_dir
     target, head_path = out_dir / DATASET_FILE, out_dir / HEAD_FILE
     settings_file = layout.settings_file(settings.stage)
-    if target.exists() and head_path.exists() and not settings.redo and settings.same_as_saved(settings_file, ("redo",)):
+    from oncofm.config import check_stage
+
+    if check_stage(settings, settings_file, [target, head_path], on_change="redo"):
         log.info("%s exists with the same settings; skipping (use --redo to rebuild)", target)
         return {"dataset": target, "fused_head": head_path}
 
@@ -150,25 +151,21 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     write_parquet(pd.DataFrame({"patient_id": ids, "split": split, "label": labels, "prob": prob, "oof": oof}),
                   head_path)
 
-    omics_pred = _load_optional(omics_dir / "predictions.parquet")
-    omics_prob = (omics_pred.groupby("patient_id")["prob"].mean() if omics_pred is not None else pd.Series(dtype=float))
-    slide_pred = _load_optional(slide_dir / "predictions.parquet")
-    slide_prob = (slide_pred.groupby("patient_id")["prob"].mean() if slide_pred is not None else pd.Series(dtype=float))
-    slide_ids = (slide_pred.groupby("patient_id")["slide_id"].first() if slide_pred is not None
-                 and "slide_id" in slide_pred else pd.Series(dtype=str))
-    attributions = _load_optional(omics_dir / "attributions.parquet")
-    att_groups = dict(tuple(attributions.groupby("patient_id"))) if attributions is not None else {}
-    cox = cox_lookup(_load_optional(layout.coefficients), settings.horizon_years)
-    try:
-        z = load_normalized_expression(settings.run)
-    except OncoFMError:
-        z = pd.DataFrame()
-
+    # the predictors' results as their training stages stored them (the same code `explain` runs)
+    omics_results = stored_omics_results(layout, patients, horizon_years=settings.horizon_years)
+    slide_results = stored_slide_results(layout)
     records = []
     for i, pid in enumerate(track(ids, "evidence records")):
         row = patients.iloc[i]
-        ev = _evidence(settings, pid, row, emb.has_omics[i], emb.has_slide[i], omics_prob, slide_prob, slide_ids,
-                       att_groups, z, cox)
+        omics = omics_results.get(pid) if emb.has_omics[i] else None
+        slide, patches = None, None
+        if emb.has_slide[i] and pid in slide_results:
+            slide, stem = slide_results[pid]
+            ev_s = settings.evidence
+            patches = stored_patch_summary(layout, stem, slide.attention, top_k=ev_s.top_patches,
+                                           sample=ev_s.sample_patches, seed=ev_s.seed)
+        ev = build_evidence(str(row["cancer_type"]), row.get("age"), omics, slide, patches,
+                            settings.evidence).to_dict()
         lab = labels[i]
         text = None if np.isnan(lab) else render_target(ev, death=bool(lab == 1), risk=float(prob[i]),
                                                            seed=f"{settings.seed}:{pid}")
@@ -183,51 +180,6 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     n_t = sum(r["target"] is not None for r in records)
     log.info("wrote %d evidence records (%d with a target text; head C=%g) to %s", len(records), n_t, c, target)
     return {"dataset": target, "fused_head": head_path}
-
-
-def _evidence(settings: ReasoningSettings, pid: str, row: pd.Series, has_omics: bool, has_slide: bool,
-              omics_prob: pd.Series, slide_prob: pd.Series, slide_ids: pd.Series, att_groups: dict,
-              z: pd.DataFrame, cox: dict) -> dict:
-    ct = str(row["cancer_type"])
-    age = row.get("age")
-    ev: dict = {"cancer_type": ct, "age": None if pd.isna(age) else float(age),
-                "omics_prob": None, "risk_genes": [], "protective_genes": [], "slide_prob": None, "image": None,
-                "missing": []}
-    if has_omics and pid in omics_prob.index:
-        ev["omics_prob"] = round(float(omics_prob[pid]), 2)
-        zrow = z.loc[pid] if pid in z.index else pd.Series(dtype=float)
-        att = att_groups.get(pid)
-        if att is None and len(zrow) and cox:
-            att = cox_contributions(zrow, ct, cox, settings.fallback_q)
-            ev["gene_source"] = "cox_contribution"
-        elif att is not None:
-            ev["gene_source"] = "omics_attribution"
-        if att is not None and len(att):
-            ev["risk_genes"], ev["protective_genes"] = gene_evidence(att, zrow, ct, cox, settings.top_genes)
-    else:
-        ev["missing"].append("omics")
-    if has_slide and pid in slide_prob.index:
-        ev["slide_prob"] = round(float(slide_prob[pid]), 2)
-        if pid in slide_ids.index:
-            stem = Path(str(slide_ids[pid])).name
-            stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
-            ev["image"] = image_findings(settings.run, stem, top_k=settings.top_patches, seed=settings.seed)
-    else:
-        ev["missing"].append("slide")
-    return ev
-
-
-def cox_contributions(z: pd.Series, cancer_type: str, cox: dict, max_q: float) -> pd.DataFrame:
-    """Fallback gene attribution when the omics model wrote none: Cox log-hazard contribution ``coef * z``.
-
-    Only genes whose Cox q-value in the patient's cancer type (else pan-cancer) is below ``max_q``.
-    """
-    rows = []
-    for gene, zi in z.dropna().items():
-        coef, q = cox.get((cancer_type, str(gene)), cox.get(("__pan__", str(gene)), (np.nan, np.nan)))
-        if np.isfinite(coef) and np.isfinite(q) and q < max_q:
-            rows.append((str(gene), float(coef) * float(zi)))
-    return pd.DataFrame(rows, columns=["gene", "attribution"])
 
 
 def read_dataset(run: str | Path) -> list[dict]:

@@ -13,7 +13,8 @@ import random
 from oncofm.fusion.evidence import gene_facts
 from oncofm.fusion.parse import format_prediction
 
-__all__ = ["render_target", "draft_texts", "RISK_WORDS", "PROTECTIVE_WORDS", "CLOSINGS"]
+__all__ = ["render_target", "draft_texts", "slot_options", "evidence_summary", "RISK_WORDS", "PROTECTIVE_WORDS",
+           "CLOSINGS"]
 
 # Keywords that mark a clause's direction (used by the faithfulness check as well).
 RISK_WORDS = ("raise", "raises", "push the risk up", "point towards death", "adverse", "unfavourable")
@@ -52,6 +53,18 @@ _MORPH = (
     "The most attended patches show {name} at {ratio:.2f} times the slide average.",
     "In the most attended regions, {name} is {ratio:.2f} x the slide average.",
 )
+_COMBINE_AGREE = (
+    "Both models point the same way (omics {o:.2f}, slide {s:.2f}); the risk below combines them.",
+    "The omics model ({o:.2f}) and the slide model ({s:.2f}) agree; the risk below combines them.",
+)
+_COMBINE_DISAGREE = (
+    "The two models disagree (omics {o:.2f}, slide {s:.2f}); the risk below weighs both.",
+    "The omics model ({o:.2f}) and the slide model ({s:.2f}) disagree; the risk below weighs both.",
+)
+_COMBINE_ONE = (
+    "The risk below rests on the {m} model alone ({p:.2f}).",
+    "Only the {m} model informs the risk below ({p:.2f}).",
+)
 _MISSING = {
     "slide": ("No slide image is available.", "There is no H&E slide for this patient."),
     "omics": ("No expression profile is available.", "There is no gene expression data for this patient."),
@@ -72,36 +85,66 @@ _CLOSE_ALIVE = (
 CLOSINGS = tuple(zip(_CLOSE_DEATH, _CLOSE_ALIVE, strict=True))
 
 
+def uniform_share(n_patches: int, top_fraction: float) -> float:
+    """The attention share the top ``top_fraction`` of ``n_patches`` would hold under uniform attention (the
+    top k = max(1, round(fraction × n)) patches of n); "concentrated" means at least twice that."""
+    n = max(int(n_patches), 1)
+    return max(1, int(round(top_fraction * n))) / n
+
+
 def _gene(x: dict) -> str:
     bits = gene_facts(x)
     return f"{x['gene']} ({', '.join(bits)})" if bits else x["gene"]
 
 
-def render_target(ev: dict, *, death: bool, risk: float, seed: int | str = 0) -> str:
-    """An explanation of ``ev`` ending in the prediction line for (``death``, ``risk``)."""
-    rnd = random.Random(f"{seed}")
-    pick = rnd.choice
-    out = [pick(_INTRO).format(ct=ev["cancer_type"])]
+def slot_options(ev: dict) -> list[tuple[str, ...]]:
+    """The reasoning of an explanation of ``ev`` as slots, each with its alternative sentences (the closing
+    verdict and the prediction line excluded). Every sentence states only facts of the record; the slots come
+    in a fixed order. One grammar for the training targets (:func:`render_target` picks one phrasing per
+    slot), the drafts of speculative decoding and the structured decoder (the LLM picks per slot)."""
+    slots: list[tuple[str, ...]] = [tuple(t.format(ct=ev["cancer_type"]) for t in _INTRO)]
     if ev.get("omics_prob") is not None:
-        out.append(pick(_OMICS).format(p=ev["omics_prob"]))
+        slots.append(tuple(t.format(p=ev["omics_prob"]) for t in _OMICS))
     if ev.get("risk_genes"):
-        out.append(pick(_RISK).format(genes="; ".join(_gene(x) for x in ev["risk_genes"])))
+        genes = "; ".join(_gene(x) for x in ev["risk_genes"])
+        slots.append(tuple(t.format(genes=genes) for t in _RISK))
     if ev.get("protective_genes"):
-        out.append(pick(_PROT).format(genes="; ".join(_gene(x) for x in ev["protective_genes"])))
+        genes = "; ".join(_gene(x) for x in ev["protective_genes"])
+        slots.append(tuple(t.format(genes=genes) for t in _PROT))
     if ev.get("slide_prob") is not None:
-        out.append(pick(_SLIDE).format(p=ev["slide_prob"]))
+        slots.append(tuple(t.format(p=ev["slide_prob"]) for t in _SLIDE))
     img = ev.get("image")
     if img and img.get("top_share") is not None:
         f = img["top_fraction"]
-        how = "concentrated" if img["top_share"] >= 2 * f else "spread out"
-        out.append(pick(_ATTN).format(f=f, s=img["top_share"], how=how))
+        how = "concentrated" if img["top_share"] >= 2 * uniform_share(img["n_patches"], f) else "spread out"
+        slots.append(tuple(t.format(f=f, s=img["top_share"], how=how) for t in _ATTN))
         for finding in img.get("findings", [])[:2]:
-            out.append(pick(_MORPH).format(name=finding["name"], ratio=finding["ratio"]))
+            slots.append(tuple(t.format(name=finding["name"], ratio=finding["ratio"]) for t in _MORPH))
     for m in ev.get("missing", []):
         if m in _MISSING:
-            out.append(pick(_MISSING[m]))
-    out.append(pick(_CLOSE_DEATH if death else _CLOSE_ALIVE))
+            slots.append(_MISSING[m])
+    o, sl = ev.get("omics_prob"), ev.get("slide_prob")
+    if o is not None and sl is not None:
+        same = (o >= 0.5) == (sl >= 0.5)
+        slots.append(tuple(t.format(o=o, s=sl) for t in (_COMBINE_AGREE if same else _COMBINE_DISAGREE)))
+    elif o is not None or sl is not None:
+        slots.append(tuple(t.format(m="omics" if o is not None else "slide", p=o if o is not None else sl)
+                           for t in _COMBINE_ONE))
+    return slots
+
+
+def render_target(ev: dict, *, death: bool, risk: float, seed: int | str = 0) -> str:
+    """An explanation of ``ev`` ending in the prediction line for (``death``, ``risk``)."""
+    rnd = random.Random(f"{seed}")
+    out = [rnd.choice(options) for options in slot_options(ev)]
+    out.append(rnd.choice(_CLOSE_DEATH if death else _CLOSE_ALIVE))
     return " ".join(out) + "\n" + format_prediction(death, risk)
+
+
+def evidence_summary(ev: dict) -> str:
+    """The evidence record in plain sentences, rendered deterministically (the first phrasing of every slot,
+    no verdict): what the report shows beside an explanation that failed the checker."""
+    return " ".join(options[0] for options in slot_options(ev))
 
 
 def draft_texts(ev: dict, phrasings: int = 10) -> list[str]:

@@ -111,6 +111,15 @@ def fusion_items(tokenizer: Any, records: list[dict], run: str | Path, *, with_t
                         with_target=with_target) for i, r in enumerate(records)]
 
 
+def _reasoning_evidence_settings(layout: RunLayout) -> dict[str, Any]:
+    """The evidence settings the reasoning dataset was built with (its saved settings; else the defaults)."""
+    from oncofm.fusion.evidence import EvidenceSettings
+
+    path = layout.settings_file("reasoning")
+    saved = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    return EvidenceSettings(**(saved.get("evidence") or {})).model_dump(mode="json")
+
+
 def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     """Fine-tune projector + LoRA on the reasoning dataset; returns the artifact paths."""
     import torch
@@ -124,8 +133,16 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     layout = RunLayout(settings.run)
     out = layout.model_dir(FUSION_DIR)
     paths = {"projector": out / "projector.safetensors", "adapter": out / "adapter", "config": out / "config.yaml"}
-    if all(p.exists() for p in paths.values()) and not settings.redo:
-        log.info("%s holds a trained fusion model; skipping (use --redo to retrain)", out)
+    from oncofm.config import artifact_version, check_stage, write_stamp
+
+    # the model depends on these settings and on the reasoning dataset; it is reused only when both match
+    stamp_args: dict[str, Any] = {
+        "ignore": ("redo", "threads", "gen_batch_size", "max_new_tokens", "max_eval_patients", "llm.cache_dir",
+                   "train.num_workers"),
+        "inputs": {"reasoning/dataset.jsonl": artifact_version(layout.reasoning_dir / "dataset.jsonl")}}
+    if check_stage(settings, layout.settings_file(settings.stage), list(paths.values()), on_change="stop",
+                   what=f"the fusion model in {out}", **stamp_args):
+        log.info("%s holds a fusion model trained with these settings; skipping (use --redo to retrain)", out)
         return paths
     if settings.redo and out.exists():
         for name in ("fit", "adapter"):
@@ -167,12 +184,14 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     shutil.rmtree(paths["adapter"], ignore_errors=True)
     tmp_dir.rename(paths["adapter"])
     cfg = {"settings": settings.model_dump(mode="json"), "d_omics": d_omics, "d_slide": d_slide,
+           # how the training records' evidence was built: `explain` builds a new patient's the same way
+           "evidence": _reasoning_evidence_settings(layout),
            "n_train_patients": len(train_items), "n_val_patients": len(val_items),
            "best_epoch": result.best_epoch, "best_val_loss": result.best_metric, "epochs_run": result.epochs_run,
            "train_seconds": round(result.seconds, 1), "trainable_parameters": n_train,
            "history": result.history}
     write_text(yaml.safe_dump(cfg, sort_keys=False), paths["config"])
-    settings.save(layout.settings_file(settings.stage))
+    write_stamp(settings, layout.settings_file(settings.stage), **stamp_args)
     log.info("fusion trained in %.0f s (best epoch %d, val loss %.4f): %s", result.seconds, result.best_epoch,
              result.best_metric, out)
     return paths

@@ -9,8 +9,6 @@ attributions of a patient sum (up to the Riemann error) to ``logit(x) - logit(x 
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import torch
 
 from oncofm.omics.model import model_inputs
@@ -36,18 +34,3 @@ def integrated_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     model.train(was_training)
     mean_grad = grad[..., 0].reshape(steps, b, g).mean(0)  # (B, G)
     return (x * mean_grad).detach()
-
-
-def attributions_table(model: torch.nn.Module, dataset: torch.utils.data.Dataset, patient_ids: np.ndarray,
-                       genes: list[str], *, steps: int = 16, batch_size: int = 64,
-                       progress: bool = True) -> pd.DataFrame:
-    """Long table ``patient_id, gene, attribution`` for every patient of ``dataset``."""
-    from oncofm.logging_utils import track
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    parts = [integrated_gradients(model, batch, steps=steps).numpy()
-             for batch in track(loader, "integrated gradients", enabled=progress)]
-    values = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, len(genes)), np.float32)
-    return pd.DataFrame({"patient_id": np.repeat(np.asarray(patient_ids, dtype=str), len(genes)),
-                         "gene": np.tile(np.asarray(genes, dtype=str), len(patient_ids)),
-                         "attribution": values.reshape(-1)})

@@ -64,9 +64,9 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         n_boot: int = typer.Option(1000, help="Bootstrap resamples for the AUC CI."),
     ) -> None:
         """Apply a trained omics model, unchanged, to another cohort (coverage %, per-cancer metrics)."""
-        from oncofm.omics.evaluate import EvaluateSettings, evaluate_cohort
+        from oncofm.omics.evaluate import OmicsEvaluateSettings, evaluate_cohort
 
-        paths = evaluate_cohort(EvaluateSettings.build(run=str(run), cohort=str(cohort), min_coverage=min_coverage,
+        paths = evaluate_cohort(OmicsEvaluateSettings.build(run=str(run), cohort=str(cohort), min_coverage=min_coverage,
                                                        normalization=normalization, n_boot=n_boot))
         for name, path in paths.items():
             typer.echo(f"{name}: {path}")

@@ -74,12 +74,12 @@ def load_omics_table(run: str | Path, *, horizon_years: float = 5.0, max_genes: 
     ``max_genes`` keeps the first genes of ``features/genes.txt`` (the features stage ranks them).
     """
     from oncofm.cohort.importing import load_patients
-    from oncofm.omics.features import load_features
+    from oncofm.omics.features import load_pair_features
 
     layout = RunLayout(run)
     fdir = layout.features_dir
     layout.require(fdir / "pairs.npy", FEATURES_HINT)
-    pairs, genes, patient_list = load_features(run)
+    pairs, genes, patient_list = load_pair_features(run)
     ids = pd.Index(patient_list, name=Col.PATIENT)
     if pairs.ndim != 3 or pairs.shape != (len(ids), len(genes), 2):
         raise DataValidationError(f"pairs.npy has shape {pairs.shape}, expected ({len(ids)}, {len(genes)}, 2) "

@@ -2,7 +2,11 @@
 
 The other cohort (any imported run: other cancer types, another platform) is normalised with its *own*
 training-split statistics when it has them (``cohort split`` was run: a per-cohort z-score absorbs platform
-differences) or else with the model run's statistics (``--normalization model``). Genes the model needs but
+differences) or else with the model run's statistics (``--normalization model``) — but only when the cohort's
+values are in the model's training units (:func:`oncofm.cohort.units.check_units`): a cohort on another scale
+(log2 RSEM, counts) is, with ``auto``, z-scored with statistics fitted on all its own patients (counts after
+log2(x+1); no labels are used) and ``metrics.json`` ``normalization`` says so; ``model`` refuses it with the
+units message. Genes the model needs but
 the cohort lacks are reported (coverage %) and filled with 0 — neutral, the training median; coverage below
 ``min_coverage`` stops with an error. Cancer types unseen in training use the pan-cancer coefficients and
 the model's "unknown cancer type" embedding. Every patient of the other cohort is evaluated; the IPCW
@@ -17,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import numpy as np
 import pandas as pd
 from pydantic import Field
 
@@ -26,7 +31,7 @@ from oncofm.errors import OncoFMError
 log = logging.getLogger(__name__)
 
 
-class EvaluateSettings(StageSettings):
+class OmicsEvaluateSettings(StageSettings):
     """Settings of ``oncofm evaluate``."""
 
     stage: ClassVar[str] = "evaluate_omics"
@@ -35,38 +40,34 @@ class EvaluateSettings(StageSettings):
     cohort: str = Field(description="another imported run to evaluate on")
     min_coverage: float = Field(0.7, ge=0, le=1, description="smallest share of the model's genes required")
     normalization: Literal["auto", "cohort", "model"] = Field(
-        "auto", description="auto: the cohort's own statistics when present, else the model run's")
+        "auto", description="auto: the cohort's own split statistics when present, else the model run's "
+        "(or, for a cohort on another scale, statistics fitted on all its patients); model: refused on another scale")
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
 
 
-def evaluate_cohort(settings: EvaluateSettings) -> dict[str, Path]:
+def evaluate_cohort(settings: OmicsEvaluateSettings) -> dict[str, Path]:
     """Predict every patient of ``settings.cohort`` with the model of ``settings.run``; write metrics."""
     import torch
 
     from oncofm.cohort.importing import load_matrix, load_patients
-    from oncofm.cohort.normalize import apply_normalizer
+    from oncofm.cohort.normalize import apply_normalizer, fit_normalizer
+    from oncofm.cohort.units import check_units
+    from oncofm.explain.inputs import unseen_cancer_type_note
     from oncofm.io import write_json, write_parquet
     from oncofm.omics.artifacts import OmicsArtifacts
-    from oncofm.omics.data import OmicsDataset
-    from oncofm.omics.predict import gene_coverage, load_omics_model, make_table
-    from oncofm.omics.train import (
-        MODEL_LABEL,
-        _metrics_dict,
-        _sigmoid,
-        comparison_rows,
-        predict_dataset,
-        print_comparison,
-    )
+    from oncofm.omics.data import UNKNOWN
+    from oncofm.omics.predict import OmicsPredictor
+    from oncofm.omics.train import MODEL_LABEL, _metrics_dict, comparison_rows, print_comparison
     from oncofm.paths import RunLayout
     from oncofm.survival.metrics import evaluate_predictions
 
-    predictor = load_omics_model(settings.run)
+    predictor = OmicsPredictor.load(settings.run)
     other = RunLayout(settings.cohort)
     other.require(other.expression, "Import it with `oncofm cohort import --run OTHER_RUN ...` first.")
     expr = load_matrix(settings.cohort, "expression")
     patients = load_patients(settings.cohort).set_index("patient_id")
-    coverage, missing = gene_coverage(predictor, expr)
+    coverage, missing = predictor.gene_coverage(expr)
     log.info("gene coverage: %.1f%% of the model's %d genes (%d missing%s)", 100 * coverage, len(predictor.genes),
              len(missing), f": {', '.join(missing[:10])}" if missing else "")
     if coverage < settings.min_coverage:
@@ -75,19 +76,39 @@ def evaluate_cohort(settings: EvaluateSettings) -> dict[str, Path]:
             f"(missing e.g. {', '.join(missing[:8])}), below --min-coverage {settings.min_coverage:.0%}; "
             "check that its gene symbols are HGNC symbols, or lower --min-coverage knowingly")
     use_cohort = settings.normalization == "cohort" or (settings.normalization == "auto" and other.normalization.exists())
+    cols = [g for g in predictor.genes if g in expr.columns]
+    units = None
+    how = "cohort (its own training-split statistics)" if use_cohort else "model (the model run's statistics)"
     if use_cohort:
         other.require(other.normalization, "Run `oncofm cohort split --run OTHER_RUN` first (or --normalization model).")
-        cols = [g for g in predictor.genes if g in expr.columns]
         expr_n = apply_normalizer(expr[cols], patients["cancer_type"], pd.read_parquet(other.normalization))
     else:
         expr_n = expr  # make_table normalises with the model run's statistics
-    table = make_table(predictor, expr_n, patients, normalized=use_cohort)
+        units = check_units(expr, predictor.normalization, patients["cancer_type"], what=f"the cohort {settings.cohort}")
+        if not units.ok and settings.normalization == "model":
+            raise OncoFMError(f"{units.message} With --normalization auto the cohort is normalised with its own "
+                              "statistics instead.")
+        if not units.ok:  # an outside cohort on another scale: z-score it with its own statistics (no labels used)
+            values = expr[cols].astype(float)
+            how = "cohort (own statistics of all its patients: values are on another scale than the model's"
+            if units.units == "counts":
+                values = np.log2(values.clip(lower=0) + 1)
+                how += "; counts, log2(x+1) first"
+            how += ")"
+            own = fit_normalizer(values, patients.reset_index(), values.index)
+            expr_n = apply_normalizer(values, patients["cancer_type"], own)
+            use_cohort = True
+            log.warning("%s Normalising it with its own statistics (all its %d patients, no labels).",
+                        units.message, len(values))
+    log.info("normalisation: %s", how)
+    table = predictor.make_table(expr_n, patients, normalized=use_cohort)
     unseen = sorted(set(table.cancer_type) - set(predictor.encoder.cancer_types))
-    if unseen:
-        log.warning("cancer types unseen in training %s: pan-cancer coefficients and the unknown-type token", unseen)
+    trained = [c for c in predictor.encoder.cancer_types if c != UNKNOWN]
+    for cancer in unseen:  # the policy of explain and the web app: pan-cancer fallback, with this warning
+        log.warning("%s", unseen_cancer_type_note(cancer, trained))
     torch.manual_seed(settings.seed)
-    logits, _ = predict_dataset(predictor.model, OmicsDataset(table, predictor.encoder))
-    prob = _sigmoid(logits)
+    out = predictor.predict_table(table, attributions=False)
+    logits, prob = out.logits, out.probs
     metrics_table = evaluate_predictions(time=table.time, event=table.event, prob=prob, risk=logits,
                                          cancer_type=table.cancer_type, train_time=table.time, train_event=table.event,
                                          years=predictor.horizon_years, n_boot=settings.n_boot, seed=settings.seed)
@@ -97,7 +118,8 @@ def evaluate_cohort(settings: EvaluateSettings) -> dict[str, Path]:
     write_parquet(pd.DataFrame({"patient_id": table.patient_ids, "cancer_type": table.cancer_type, "prob": prob,
                                 "risk": logits}), out_dir / "predictions.parquet")
     write_json({"cohort": str(Path(settings.cohort).resolve()), "gene_coverage": coverage, "missing_genes": missing,
-                "unseen_cancer_types": unseen, "normalization": "cohort" if use_cohort else "model",
+                "unseen_cancer_types": unseen, "normalization": how,
+                "units": None if units is None else units.as_dict(),
                 "n_patients": int(len(table)), "metrics": result}, out_dir / "metrics.json")
     print_comparison(comparison_rows({MODEL_LABEL: result}), result["per_cancer_type"],
                      f"omics model of {settings.run} on {name} (gene coverage {100 * coverage:.1f}%)")

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from oncofm.cohort.schema import Col
+from oncofm.cohort.schema import PAN_CANCER, Col
 from oncofm.config import StageSettings
 from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.io import atomic_path, write_parquet, write_text
@@ -45,9 +45,8 @@ from oncofm.paths import RunLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureSettings", "build_pairs", "feature_paths", "load_features", "run_features", "select_genes"]
+__all__ = ["FeatureSettings", "build_pairs", "feature_paths", "load_pair_features", "run_features", "select_genes"]
 
-PAN_CANCER = "__pan__"
 
 
 class FeatureSettings(StageSettings):
@@ -180,8 +179,9 @@ def run_features(settings: FeatureSettings) -> dict[str, Path]:
     layout = RunLayout(settings.run)
     paths = feature_paths(settings.run)
     settings_path = layout.settings_file(settings.stage)
-    if (not settings.redo and all(p.exists() for p in paths.values())
-            and settings.same_as_saved(settings_path, ignore=("redo",))):
+    from oncofm.config import check_stage
+
+    if check_stage(settings, settings_path, list(paths.values()), on_change="redo"):
         log.info("features exist with the same settings; skipping (pass --redo to rebuild)")
         return paths
     coefficients = load_coefficients(settings.run)
@@ -204,7 +204,7 @@ def run_features(settings: FeatureSettings) -> dict[str, Path]:
     return paths
 
 
-def load_features(run: str | Path) -> tuple[np.ndarray, list[str], list[str]]:
+def load_pair_features(run: str | Path) -> tuple[np.ndarray, list[str], list[str]]:
     """``(pairs (N, G, 2), genes, patient_ids)`` of a run (raises with a hint when missing)."""
     layout = RunLayout(run)
     paths = feature_paths(run)

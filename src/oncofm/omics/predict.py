@@ -1,15 +1,20 @@
-"""Load a trained omics model and predict new patients (used by ``oncofm explain`` and ``oncofm evaluate``).
+"""The omics model's one inference path: training exports, ``oncofm evaluate`` and ``oncofm explain``.
 
-A new patient's raw expression is normalised with the training run's statistics (per cancer type; the
-pan-cancer row for a type unseen in training), paired with the run's Cox coefficients through
-:func:`oncofm.omics.features.build_pairs` (pan-cancer coefficients for unseen types), and genes the patient
-lacks are filled with 0 — the training median, i.e. neutral.
+:meth:`OmicsPredictor.predict_table` applies the model to an :class:`~oncofm.omics.data.OmicsTable`
+(probability, logit, penultimate embedding, integrated-gradients attributions). The training stage calls
+it for its exports (``predictions``, ``embeddings``, ``attributions``), ``oncofm evaluate`` for an outside
+cohort, and :meth:`OmicsPredictor.predict` for one new patient: the patient's raw expression is
+normalised with the training run's statistics (per cancer type; the pan-cancer row for a type unseen in
+training), paired with the run's Cox coefficients through :func:`oncofm.omics.features.build_pairs` (the
+pan-cancer coefficients for unseen types) and genes the patient lacks are filled with 0 — the training
+median, i.e. neutral — before the same ``predict_table``. Training and inference therefore cannot drift
+apart, and a contract test checks that ``predict`` reproduces what the training stage stored.
 
 Examples
 --------
->>> predictor = load_omics_model("runs/tcga13")  # doctest: +SKIP
->>> out = predict_patient(predictor, expression, cancer_type="KIRC", age=61, sex="male")  # doctest: +SKIP
->>> out.prob, out.top_genes(5)  # doctest: +SKIP
+>>> predictor = OmicsPredictor.from_run(RunLayout("runs/tcga13"))  # doctest: +SKIP
+>>> result = predictor.predict(patient)  # doctest: +SKIP
+>>> result.prob, result.attributions.head(5)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,12 +27,73 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from oncofm.cohort.schema import Col
+from oncofm.cohort.patient import PatientInput
+from oncofm.cohort.schema import PAN_CANCER, Col
+from oncofm.errors import OncoFMError
+from oncofm.io import model_version
 from oncofm.omics.artifacts import OmicsArtifacts
 from oncofm.omics.data import ClinicalEncoder, OmicsTable
 from oncofm.paths import RunLayout
 
+__all__ = ["OmicsPredictor", "OmicsResult", "TablePrediction", "attribution_table", "check_gene_coverage", "coefficients_for",
+           "forward_batches", "stored_omics_results"]
+
 TRAIN_HINT = "Run `oncofm train omics --run RUN` first."
+#: Integrated-gradients steps of runs whose config does not record them (runs made before it did).
+DEFAULT_IG_STEPS = 16
+
+
+@dataclass
+class TablePrediction:
+    """The omics model applied to every patient of a table."""
+
+    patient_ids: np.ndarray  # (N,) str
+    logits: np.ndarray  # (N,)
+    embeddings: np.ndarray  # (N, d) penultimate layer
+    attributions: np.ndarray | None  # (N, G) integrated gradients (+ = towards death); None if not asked
+
+    @property
+    def probs(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits))
+
+
+@dataclass
+class OmicsResult:
+    """The omics model's output for one patient, as the evidence record and the report use it."""
+
+    prob: float  # P(death within the horizon)
+    logit: float
+    embedding: np.ndarray  # (d,) penultimate layer
+    attributions: pd.DataFrame  # gene, attribution, expression_z, coef, q; by |attribution|, largest first
+    n_present: int  # model genes measured in the input
+    n_model_genes: int
+    missing_genes: list[str]
+    version: str
+
+    @property
+    def coverage(self) -> float:
+        return self.n_present / max(self.n_model_genes, 1)
+
+    def z_scores(self) -> pd.Series:
+        """Normalised expression by gene (NaN where the gene was not measured)."""
+        return self.attributions.set_index("gene")["expression_z"]
+
+
+def forward_batches(model: Any, dataset: Any, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N,) and penultimate embeddings (N, d) for every item of an ``OmicsDataset``."""
+    import torch
+
+    from oncofm.omics.model import model_inputs
+
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    logits, embs = [], []
+    with torch.no_grad():
+        for batch in loader:
+            lo, em = model(*model_inputs(batch))
+            logits.append(lo)
+            embs.append(em)
+    return torch.cat(logits).numpy().astype(float), torch.cat(embs).numpy()
 
 
 @dataclass
@@ -38,110 +104,253 @@ class OmicsPredictor:
     genes: list[str]
     encoder: ClinicalEncoder
     horizon_years: float
-    coefficients: pd.DataFrame
-    normalization: pd.DataFrame
+    coefficients: pd.DataFrame | None  # None: the run has no Cox table (exports only; no new patients)
+    normalization: pd.DataFrame | None
     run: Path
+    ig_steps: int = DEFAULT_IG_STEPS
     config: dict[str, Any] = field(default_factory=dict)
+    version: str = "unsaved"
+    min_gene_fraction: float = 0.5
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_run(cls, layout: RunLayout, *, min_gene_fraction: float = 0.5) -> OmicsPredictor | None:
+        """The run's trained omics model, or ``None`` when the run has none (the caller notes it)."""
+        if not OmicsArtifacts.of(layout.root).weights.exists():
+            return None
+        predictor = cls.load(layout.root)
+        predictor.min_gene_fraction = min_gene_fraction
+        return predictor
+
+    @classmethod
+    def load(cls, run: str | Path) -> OmicsPredictor:
+        """The trained model of ``run`` with its genes, clinical encoder, coefficients and normalisation;
+        raises :class:`~oncofm.errors.MissingArtifactError` naming the command that makes what is missing."""
+        import yaml
+        from safetensors.torch import load_file
+
+        from oncofm.omics.model import create_model
+
+        layout = RunLayout(run)
+        arts = OmicsArtifacts.of(run)
+        layout.require(arts.weights, TRAIN_HINT)
+        layout.require(arts.config, TRAIN_HINT)
+        layout.require(layout.coefficients, "Run `oncofm cox --run RUN` first.")
+        layout.require(layout.normalization, "Run `oncofm cohort split --run RUN` first.")
+        config = yaml.safe_load(arts.config.read_text())
+        model = create_model(config["model"], **config["architecture"])
+        model.load_state_dict(load_file(str(arts.weights)))
+        model.eval()
+        return cls.build(model, genes=list(config["genes"]), encoder=ClinicalEncoder.from_dict(config["clinical"]),
+                         horizon_years=float(config["horizon_years"]), run=Path(run), config=config,
+                         ig_steps=int(config.get("ig_steps", DEFAULT_IG_STEPS)), version=model_version(arts.dir))
+
+    @classmethod
+    def build(cls, model: Any, *, genes: list[str], encoder: ClinicalEncoder, horizon_years: float,
+              run: str | Path, ig_steps: int, config: dict[str, Any] | None = None,
+              version: str = "unsaved") -> OmicsPredictor:
+        """A predictor around a model in memory (the training stage's, before it is saved).
+
+        The run's Cox table and normalisation statistics are read when present: a new patient's raw
+        expression needs them (:meth:`make_table`), the training stage's exports over its own pair tensor
+        (:meth:`predict_table`) do not.
+        """
+        layout = RunLayout(run)
+        coef = pd.read_parquet(layout.coefficients) if layout.coefficients.exists() else None
+        if coef is not None and "horizon_years" in coef:
+            coef = coef[np.isclose(coef["horizon_years"].astype(float), float(horizon_years))]
+        norm = pd.read_parquet(layout.normalization) if layout.normalization.exists() else None
+        return cls(model=model, genes=list(genes), encoder=encoder, horizon_years=float(horizon_years),
+                   coefficients=coef, normalization=norm, run=Path(run), ig_steps=int(ig_steps),
+                   config=config or {}, version=version)
+
+    # ------------------------------------------------------------------ inputs
+    def _require_inputs(self) -> None:
+        """Raise, naming the command, when the run lacks what raw expression needs."""
+        if self.coefficients is None or self.normalization is None:
+            layout = RunLayout(self.run)
+            layout.require(layout.coefficients, "Run `oncofm cox --run RUN` first.")
+            layout.require(layout.normalization, "Run `oncofm cohort split --run RUN` first.")
+
+    def gene_coverage(self, expression: pd.DataFrame) -> tuple[float, list[str]]:
+        """Share of the model's genes that ``expression`` has (a column with any value), and the missing ones."""
+        present = [g for g in self.genes if g in expression.columns and expression[g].notna().any()]
+        missing = [g for g in self.genes if g not in set(present)]
+        return len(present) / len(self.genes), missing
+
+    def make_table(self, expression: pd.DataFrame, clinical: pd.DataFrame, *, normalized: bool = False) -> OmicsTable:
+        """The model's input table for patients (rows of ``expression``; ``clinical`` indexed by patient_id
+        with cancer_type and optionally age, sex, os_days, os_event)."""
+        from oncofm.cohort.normalize import apply_normalizer
+        from oncofm.omics.features import build_pairs
+
+        self._require_inputs()
+        ids = expression.index.astype(str)
+        clinical = clinical.reindex(ids)
+        cancer = clinical[Col.CANCER].astype(str)
+        cols = [g for g in self.genes if g in expression.columns]
+        expr = expression[cols].astype(float)
+        if not normalized:
+            expr = apply_normalizer(expr, cancer, self.normalization)
+        pairs = build_pairs(expr, cancer, self.coefficients, self.genes)  # (N, G, 2), missing -> 0
+        n = len(ids)
+        sex = (clinical[Col.SEX].astype("string").str.lower().fillna("").to_numpy(dtype=str) if Col.SEX in clinical
+               else np.full(n, ""))
+        return OmicsTable(
+            patient_ids=np.asarray(ids, dtype=str), genes=self.genes, pairs=pairs, cancer_type=cancer.to_numpy(str),
+            age=clinical[Col.AGE].to_numpy(float) if Col.AGE in clinical else np.full(n, np.nan), sex=sex,
+            time=clinical[Col.OS_DAYS].to_numpy(float) if Col.OS_DAYS in clinical else np.full(n, np.nan),
+            event=clinical[Col.OS_EVENT].to_numpy(float) if Col.OS_EVENT in clinical else np.zeros(n),
+            split=np.full(n, "", dtype=object).astype(str), horizon_years=self.horizon_years)
+
+    # ------------------------------------------------------------------ the model
+    def predict_table(self, table: OmicsTable, *, attributions: bool = True, progress: bool = False,
+                      batch_size: int = 64) -> TablePrediction:
+        """The model on every patient of ``table``: logits, embeddings and (if asked) attributions."""
+        import torch
+
+        from oncofm.logging_utils import track
+        from oncofm.omics.attributions import integrated_gradients
+        from oncofm.omics.data import OmicsDataset
+
+        dataset = OmicsDataset(table, self.encoder)
+        logits, emb = forward_batches(self.model, dataset)
+        attr = None
+        if attributions:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            parts = [integrated_gradients(self.model, batch, steps=self.ig_steps).numpy()
+                     for batch in track(loader, "integrated gradients", enabled=progress)]
+            attr = (np.concatenate(parts).astype(np.float32) if parts
+                    else np.zeros((0, len(self.genes)), np.float32))
+        return TablePrediction(patient_ids=np.asarray(table.patient_ids, dtype=str), logits=logits, embeddings=emb,
+                               attributions=attr)
+
+    def predict_expression(self, expression: pd.Series | Mapping[str, float], *, cancer_type: str,
+                           age: float | None = None, sex: str | None = None, normalized: bool = False
+                           ) -> OmicsResult:
+        """One patient from a gene → expression mapping (raw values in the cohort's units unless ``normalized``)."""
+        from oncofm.cohort.normalize import apply_normalizer
+
+        self._require_inputs()
+        series = pd.Series(expression, dtype=float)
+        series.index = series.index.astype(str)
+        series = series[~series.index.duplicated()]
+        expr = pd.DataFrame([series.reindex(self.genes).to_numpy()], columns=self.genes, index=["patient"])
+        n_present, missing = check_gene_coverage(self.genes, series, self.min_gene_fraction)
+        if not normalized:  # values in other units than the training cohort's: refused, saying how to convert
+            from oncofm.cohort.units import require_units
+            require_units(series, self.normalization, cancer_type, what="the expression profile")
+        clinical = pd.DataFrame({Col.CANCER: [cancer_type], Col.AGE: [np.nan if age is None else float(age)],
+                                 Col.SEX: [sex or ""]}, index=["patient"])
+        z = expr if normalized else apply_normalizer(expr, clinical[Col.CANCER], self.normalization)
+        out = self.predict_table(self.make_table(z, clinical, normalized=True))
+        attributions = self._attribution_table(out.attributions[0], z.iloc[0], cancer_type)
+        return OmicsResult(prob=float(out.probs[0]), logit=float(out.logits[0]),
+                           embedding=np.asarray(out.embeddings[0], dtype=np.float32), attributions=attributions,
+                           n_present=n_present, n_model_genes=len(self.genes), missing_genes=missing,
+                           version=self.version)
+
+    def predict(self, patient: PatientInput, workdir: Path | None = None) -> OmicsResult | None:
+        """The patient's omics prediction, or ``None`` when the patient has no expression profile."""
+        if patient.expression is None:
+            return None
+        return self.predict_expression(patient.expression, cancer_type=patient.cancer_type, age=patient.age,
+                                       sex=patient.sex)
+
+    def _attribution_table(self, attribution: np.ndarray, z: pd.Series, cancer_type: str) -> pd.DataFrame:
+        """gene, attribution, expression_z, coef, q sorted by |attribution| (largest first)."""
+        return attribution_table(self.genes, attribution, z, coefficients_for(self.coefficients, cancer_type))
+
+    def coefficients_for(self, cancer_type: str) -> pd.DataFrame:
+        """``gene, coef, q`` of the Cox table for ``cancer_type`` (the pan-cancer rows for an unseen type)."""
+        return coefficients_for(self.coefficients, cancer_type)
 
 
-@dataclass
-class PatientPrediction:
-    """The omics model's output for one patient."""
-
-    prob: float  # P(death within the horizon)
-    risk: float  # logit
-    embedding: np.ndarray  # (d,) penultimate layer
-    attributions: pd.Series  # per gene, signed (+ = towards death), integrated gradients
-    coverage: float  # share of the model's genes present in the input
-    missing_genes: list[str]
-
-    def top_genes(self, k: int = 10) -> pd.Series:
-        """The ``k`` genes with the largest absolute attribution (signed values)."""
-        return self.attributions.reindex(self.attributions.abs().sort_values(ascending=False).index[:k])
-
-
-def load_omics_model(run: str | Path) -> OmicsPredictor:
-    """The trained model of ``run`` with its genes, clinical encoder, coefficients and normalisation."""
-    import yaml
-    from safetensors.torch import load_file
-
-    from oncofm.omics.model import create_model
-
-    layout = RunLayout(run)
-    arts = OmicsArtifacts.of(run)
-    layout.require(arts.weights, TRAIN_HINT)
-    layout.require(arts.config, TRAIN_HINT)
-    layout.require(layout.coefficients, "Run `oncofm cox --run RUN` first.")
-    layout.require(layout.normalization, "Run `oncofm cohort split --run RUN` first.")
-    config = yaml.safe_load(arts.config.read_text())
-    model = create_model(config["model"], **config["architecture"])
-    model.load_state_dict(load_file(str(arts.weights)))
-    model.eval()
-    coef = pd.read_parquet(layout.coefficients)
-    if "horizon_years" in coef:
-        coef = coef[np.isclose(coef["horizon_years"].astype(float), float(config["horizon_years"]))]
-    return OmicsPredictor(model=model, genes=list(config["genes"]), encoder=ClinicalEncoder.from_dict(config["clinical"]),
-                          horizon_years=float(config["horizon_years"]), coefficients=coef,
-                          normalization=pd.read_parquet(layout.normalization), run=Path(run), config=config)
+def check_gene_coverage(genes: list[str], expression: pd.Series, min_fraction: float) -> tuple[int, list[str]]:
+    """``(n_present, missing genes)`` of a patient's profile against the model's ``genes``; raises
+    :class:`~oncofm.errors.OncoFMError` saying how many are there when fewer than ``min_fraction`` are."""
+    values = pd.Series(expression, dtype=float)
+    values.index = values.index.astype(str)
+    values = values[~values.index.duplicated()].reindex(genes)
+    missing = [g for g, v in zip(genes, values.to_numpy(), strict=True) if not np.isfinite(v)]
+    n_present = len(genes) - len(missing)
+    if n_present == 0 or n_present < min_fraction * len(genes):
+        hint = ", ".join(pd.Series(expression).index[:3].astype(str))
+        raise OncoFMError(
+            f"the expression profile has {n_present} of the model's {len(genes)} genes "
+            f"({100 * n_present / max(len(genes), 1):.1f}%); at least {100 * min_fraction:.0f}% are needed. Use "
+            f"HGNC gene symbols as in the training cohort (e.g. {', '.join(genes[:3])}; the input's genes look "
+            f"like {hint}).")
+    return n_present, missing
 
 
-def gene_coverage(predictor: OmicsPredictor, expression: pd.DataFrame) -> tuple[float, list[str]]:
-    """Share of the model's genes that ``expression`` has (a column with any value), and the missing ones."""
-    present = [g for g in predictor.genes if g in expression.columns and expression[g].notna().any()]
-    missing = [g for g in predictor.genes if g not in set(present)]
-    return len(present) / len(predictor.genes), missing
+def coefficients_for(coefficients: pd.DataFrame, cancer_type: str) -> pd.DataFrame:
+    """``gene, coef, q`` of a Cox table for ``cancer_type`` (the pan-cancer rows for a type it lacks)."""
+    c = coefficients
+    own = c[c[Col.CANCER].astype(str) == cancer_type]
+    if own.empty:
+        own = c[c[Col.CANCER].astype(str) == PAN_CANCER]
+    cols = [x for x in ("gene", "coef", "q") if x in own.columns]
+    return own[cols].drop_duplicates("gene")
 
 
-def make_table(predictor: OmicsPredictor, expression: pd.DataFrame, clinical: pd.DataFrame, *,
-               normalized: bool = False) -> OmicsTable:
-    """The model's input table for patients (rows of ``expression``; ``clinical`` indexed by patient_id
-    with cancer_type and optionally age, sex, os_days, os_event)."""
-    from oncofm.cohort.normalize import apply_normalizer
-    from oncofm.omics.features import build_pairs
-
-    ids = expression.index.astype(str)
-    clinical = clinical.reindex(ids)
-    cancer = clinical[Col.CANCER].astype(str)
-    cols = [g for g in predictor.genes if g in expression.columns]
-    expr = expression[cols].astype(float)
-    if not normalized:
-        expr = apply_normalizer(expr, cancer, predictor.normalization)
-    pairs = build_pairs(expr, cancer, predictor.coefficients, predictor.genes)  # (N, G, 2), missing -> 0
-    n = len(ids)
-    sex = clinical[Col.SEX].astype("string").fillna("").to_numpy(dtype=str) if Col.SEX in clinical else np.full(n, "")
-    return OmicsTable(
-        patient_ids=np.asarray(ids, dtype=str), genes=predictor.genes, pairs=pairs, cancer_type=cancer.to_numpy(str),
-        age=clinical[Col.AGE].to_numpy(float) if Col.AGE in clinical else np.full(n, np.nan), sex=sex,
-        time=clinical[Col.OS_DAYS].to_numpy(float) if Col.OS_DAYS in clinical else np.full(n, np.nan),
-        event=clinical[Col.OS_EVENT].to_numpy(float) if Col.OS_EVENT in clinical else np.zeros(n),
-        split=np.full(n, "", dtype=object).astype(str), horizon_years=predictor.horizon_years)
+def attribution_table(genes: list[str], attribution: np.ndarray, z: pd.Series, coef: pd.DataFrame) -> pd.DataFrame:
+    """``gene, attribution, expression_z, coef, q`` sorted by |attribution| (largest first; ties keep gene order)."""
+    df = pd.DataFrame({"gene": [str(g) for g in genes], "attribution": np.asarray(attribution, dtype=float),
+                       "expression_z": pd.Series(z, dtype=float).reindex(genes).to_numpy(dtype=float)})
+    df = df.merge(coef, on="gene", how="left")
+    for col in ("coef", "q"):
+        if col not in df:
+            df[col] = np.nan
+    order = df["attribution"].abs().sort_values(ascending=False, kind="stable").index
+    return df.reindex(order).reset_index(drop=True)
 
 
-def predict_patient(predictor: OmicsPredictor, expression: pd.Series | Mapping[str, float], *, cancer_type: str,
-                    age: float | None = None, sex: str | None = None, normalized: bool = False,
-                    ig_steps: int = 32) -> PatientPrediction:
-    """Predict one new patient from a gene → expression mapping (raw values unless ``normalized``)."""
-    import torch
+def stored_omics_results(layout: RunLayout, patients: pd.DataFrame, *, horizon_years: float = 5.0) -> dict[str, OmicsResult]:
+    """The omics stage's stored exports (made by :meth:`OmicsPredictor.predict_table`) as one
+    :class:`OmicsResult` per patient of ``patients`` (``patient_id, cancer_type``) that has them.
 
-    from oncofm.omics.attributions import integrated_gradients
-    from oncofm.omics.data import OmicsDataset
+    This is how the reasoning stage reads the training patients' omics results: the numbers are the
+    predictor's, stored once by ``oncofm train omics``; z-scores come from the run's normalised
+    expression and Cox facts from the coefficient table at ``horizon_years``.
+    """
+    from oncofm.cohort.normalize import load_normalized_expression
 
-    series = pd.Series(expression, dtype=float)
-    expr = pd.DataFrame([series.to_numpy()], columns=series.index.astype(str), index=["patient"])
-    coverage, missing = gene_coverage(predictor, expr)
-    if coverage == 0:
-        from oncofm.errors import OncoFMError
-
-        raise OncoFMError(f"none of the model's {len(predictor.genes)} genes is in the input (e.g. "
-                          f"{', '.join(predictor.genes[:5])}); check the gene symbols")
-    clinical = pd.DataFrame({Col.CANCER: [cancer_type], Col.AGE: [np.nan if age is None else float(age)],
-                             Col.SEX: [sex or ""]}, index=["patient"])
-    table = make_table(predictor, expr, clinical, normalized=normalized)
-    batch = OmicsDataset(table, predictor.encoder)[0]
-    batch = {k: v.unsqueeze(0) for k, v in batch.items()}  # (1, ...)
-    with torch.no_grad():
-        logit, emb = predictor.model(batch["pairs"], batch["cancer"], batch["age"], batch["sex"])
-    attr = integrated_gradients(predictor.model, batch, steps=ig_steps)[0].numpy()
-    return PatientPrediction(prob=float(torch.sigmoid(logit)[0]), risk=float(logit[0]), embedding=emb[0].numpy(),
-                             attributions=pd.Series(attr, index=predictor.genes, name="attribution"),
-                             coverage=coverage, missing_genes=missing)
+    arts = OmicsArtifacts.of(layout.root)
+    if not arts.predictions.exists():
+        return {}
+    preds = pd.read_parquet(arts.predictions).groupby(Col.PATIENT)[["prob", "risk"]].mean()
+    emb = pd.read_parquet(arts.embeddings) if arts.embeddings.exists() else pd.DataFrame()
+    if Col.PATIENT in emb.columns:
+        emb = emb.set_index(Col.PATIENT)
+    att = (dict(tuple(pd.read_parquet(arts.attributions).groupby(Col.PATIENT))) if arts.attributions.exists()
+           else {})
+    coef = pd.read_parquet(layout.coefficients) if layout.coefficients.exists() else pd.DataFrame(
+        columns=[Col.CANCER, "gene", "coef", "q"])
+    if "horizon_years" in coef and coef["horizon_years"].notna().any():
+        hz = coef["horizon_years"].astype(float)
+        nearest = hz.iloc[(hz - horizon_years).abs().argsort()].iloc[0]
+        coef = coef[np.isclose(hz, nearest) | hz.isna()]
+    try:
+        z = load_normalized_expression(layout.root)
+    except OncoFMError:
+        z = pd.DataFrame()
+    version = model_version(arts.dir)
+    by_type: dict[str, pd.DataFrame] = {}
+    out: dict[str, OmicsResult] = {}
+    for pid, cancer in zip(patients[Col.PATIENT].astype(str), patients[Col.CANCER].astype(str), strict=True):
+        if pid not in preds.index:
+            continue
+        if cancer not in by_type:
+            by_type[cancer] = coefficients_for(coef, cancer)
+        a = att.get(pid, pd.DataFrame(columns=["gene", "attribution"]))
+        zrow = z.loc[pid] if pid in z.index else pd.Series(dtype=float)
+        table = attribution_table(a["gene"].astype(str).tolist(), a["attribution"].to_numpy(float), zrow,
+                                  by_type[cancer])
+        n_genes = len(table)
+        out[pid] = OmicsResult(prob=float(preds.loc[pid, "prob"]), logit=float(preds.loc[pid, "risk"]),
+                               embedding=(emb.loc[pid].to_numpy(np.float32) if pid in emb.index
+                                          else np.zeros(0, np.float32)),
+                               attributions=table, n_present=n_genes, n_model_genes=n_genes, missing_genes=[],
+                               version=version)
+    return out

@@ -149,27 +149,6 @@ class OmicsTask:
 
 
 # ---------------------------------------------------------------- helpers
-def predict_dataset(model: Any, dataset: Any, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N,) and penultimate embeddings (N, d) for every item of ``dataset``."""
-    import torch
-
-    from oncofm.omics.model import model_inputs
-
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    logits, embs = [], []
-    with torch.no_grad():
-        for batch in loader:
-            lo, em = model(*model_inputs(batch))
-            logits.append(lo)
-            embs.append(em)
-    return torch.cat(logits).numpy().astype(float), torch.cat(embs).numpy()
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _metrics_dict(table: pd.DataFrame) -> dict[str, Any]:
     from oncofm.survival.metrics import POOLED, mean_per_cancer
 
@@ -281,10 +260,10 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     import torch
 
     from oncofm.io import write_json, write_parquet
-    from oncofm.omics.attributions import attributions_table
     from oncofm.omics.baselines import run_baselines
     from oncofm.omics.data import ClinicalEncoder, OmicsDataset, load_omics_table
     from oncofm.omics.model import create_model
+    from oncofm.omics.predict import OmicsPredictor
     from oncofm.survival.metrics import evaluate_predictions
     from oncofm.training import TrainSettings, fit, make_accelerator
 
@@ -294,7 +273,10 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     outputs = {"model": arts.weights, "config": arts.config, "metrics": arts.metrics,
                "predictions": arts.predictions, "embeddings": arts.embeddings, "attributions": arts.attributions,
                "roc": arts.roc_png, "calibration": arts.calibration_png}
-    if not settings.redo and _outputs_done(arts) and settings.same_as_saved(settings_file, ignore=("redo", "progress")):
+    from oncofm.config import check_stage
+
+    if _outputs_done(arts) and check_stage(settings, settings_file, [], ignore=("redo", "progress"), on_change="redo",
+                                           what=f"the omics model in {arts.dir}"):
         log.info("omics model already trained in %s with these settings (use --redo to retrain)", arts.dir)
         return outputs
     if settings.redo and arts.training_dir.exists():
@@ -341,10 +323,13 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
         return outputs
     model = accelerator.unwrap_model(model).cpu()
 
-    # every patient: predictions + embeddings
-    all_ds = OmicsDataset(table, encoder)
-    logits, emb = predict_dataset(model, all_ds)
-    prob = _sigmoid(logits)
+    # every patient: predictions, embeddings and attributions through the predictor `explain` uses
+    predictor = OmicsPredictor.build(model, genes=table.genes, encoder=encoder, horizon_years=settings.horizon_years,
+                                     run=settings.run, ig_steps=settings.ig_steps)
+    t_ig = time.perf_counter()
+    exported = predictor.predict_table(table, attributions=True, progress=settings.progress)
+    ig_seconds = time.perf_counter() - t_ig
+    logits, emb, prob = exported.logits, exported.embeddings, exported.probs
     write_parquet(pd.DataFrame({"patient_id": table.patient_ids, "split": table.split, "prob": prob,
                                 "risk": logits}), arts.predictions)
     write_parquet(pd.DataFrame(emb, index=pd.Index(table.patient_ids, name="patient_id"),
@@ -371,15 +356,14 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
                      if "tcga13" in str(settings.run) else "5-year survival, test split")
     save_plots(arts, test.label, test_probs)
 
-    # attributions for every patient
-    t_ig = time.perf_counter()
-    attr = attributions_table(model, all_ds, table.patient_ids, table.genes, steps=settings.ig_steps,
-                              progress=settings.progress)
-    write_parquet(attr, arts.attributions)
-    ig_seconds = time.perf_counter() - t_ig
+    # attributions for every patient (long table)
+    n_genes = len(table.genes)
+    write_parquet(pd.DataFrame({"patient_id": np.repeat(table.patient_ids.astype(str), n_genes),
+                                "gene": np.tile(np.asarray(table.genes, dtype=str), len(table)),
+                                "attribution": exported.attributions.reshape(-1)}), arts.attributions)
 
     config = {"model": settings.model, "architecture": arch, "genes": table.genes,
-              "clinical": encoder.to_dict(), "horizon_years": settings.horizon_years,
+              "clinical": encoder.to_dict(), "horizon_years": settings.horizon_years, "ig_steps": settings.ig_steps,
               "best_epoch": result.best_epoch, "source_run": str(Path(settings.run).resolve())}
     save_model(arts, model, config)
     if anchor_chosen is not None:

@@ -7,10 +7,30 @@ from pathlib import Path
 import typer
 
 
+def _yaml_mapping(path: Path) -> dict:
+    """The settings mapping of a YAML file (``_meta`` dropped), as ``StageSettings.from_yaml`` reads it."""
+    import yaml
+
+    from oncofm.errors import OncoFMError
+
+    if not path.exists():
+        raise OncoFMError(f"settings file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise OncoFMError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    data.pop("_meta", None)
+    return data
+
+
 def register(app: typer.Typer, train_app: typer.Typer) -> None:
     @train_app.command("slide")
     def _slide_train(
         run: Path = typer.Option(..., "--run", "-r", help="Run directory (cohort/slides.parquet + tiles/)."),
+        preset: str | None = typer.Option(None, help="Start from a named recipe; 'benchmark': the one behind the "
+                                                     "README's slide numbers (bench/slide_mil.py: EfficientNet-Lite0 "
+                                                     "multiscale features, z-scored, hidden 32, instance dropout "
+                                                     "and loss; see docs/slide_model.md). --config and flags "
+                                                     "override it."),
         encoder: str | None = typer.Option(None, help="Patch encoder: swin-cpu (default), swin-tiny, swin-small, "
                                                       "swin-base, efficientnet-lite0."),
         encoder_weights: Path | None = typer.Option(None, help="Local pretrained encoder weights (HF Swin "
@@ -36,8 +56,13 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         values = dict(run=str(run), encoder=encoder, aggregator=aggregator, mode=mode, bag_size=bag_size,
                       slide_mpp=slide_mpp, encoder_weights=str(encoder_weights) if encoder_weights else None,
                       redo=True if redo else None)
-        settings = (SlideTrainSettings.from_yaml(config, **values) if config
-                    else SlideTrainSettings.build(**values))
+        if preset:  # the preset, then the YAML's values, then the flags
+            file_values = _yaml_mapping(config) if config else {}
+            settings = SlideTrainSettings.preset(preset, **{**file_values, **{k: v for k, v in values.items()
+                                                                              if v is not None}})
+        else:
+            settings = (SlideTrainSettings.from_yaml(config, **values) if config
+                        else SlideTrainSettings.build(**values))
         overrides = {k: v for k, v in dict(epochs=epochs, lr=lr).items() if v is not None}
         if overrides:
             settings.train = TrainSettings.build(**{**settings.train.model_dump(), **overrides})

@@ -29,7 +29,7 @@ from oncofm.errors import OncoFMError
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureBagDataset", "PatchBagDataset", "SlideClassifier", "SlideOutput", "SlideTask",
-           "collate_bags", "extract_features", "load_features", "predict_bags"]
+           "collate_bags", "extract_features", "feature_stats", "load_patch_features", "predict_bags"]
 
 
 @dataclass
@@ -41,13 +41,44 @@ class SlideOutput:
 
 
 class SlideClassifier(nn.Module):
-    """``encoder`` (optional; None when fed cached features) → ``aggregator`` → linear head."""
+    """``encoder`` (optional; None when fed cached features) → ``aggregator`` → linear head.
 
-    def __init__(self, aggregator: nn.Module, encoder: nn.Module | None = None) -> None:
+    ``feature_dim``: standardise the patch features before the aggregator, ``(x - feature_mean) /
+    feature_std`` with per-feature statistics of this width (non-trainable buffers, saved in the state dict;
+    identity until :meth:`set_feature_stats`, e.g. with :func:`feature_stats` of the training patches). It
+    applies to cached features and to the encoder's output alike, so every caller of the model gets it.
+    """
+
+    def __init__(self, aggregator: nn.Module, encoder: nn.Module | None = None,
+                 feature_dim: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.aggregator = aggregator
         self.head = nn.Linear(aggregator.out_dim, 1)
+        self.feature_mean: torch.Tensor | None
+        self.feature_std: torch.Tensor | None
+        self.register_buffer("feature_mean", None if feature_dim is None else torch.zeros(feature_dim))
+        self.register_buffer("feature_std", None if feature_dim is None else torch.ones(feature_dim))
+
+    def set_feature_stats(self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor) -> None:
+        """Set the standardisation statistics (D,) of a model built with ``feature_dim=D``."""
+        if self.feature_mean is None or self.feature_std is None:
+            raise OncoFMError("this slide model standardises no features (build it with feature_dim)")
+        mean, std = (torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in (mean, std))
+        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
+            raise OncoFMError(f"feature statistics of shape {tuple(mean.shape)}/{tuple(std.shape)} do not fit "
+                              f"features of width {self.feature_mean.shape[0]}")
+        if not bool((std > 0).all()):
+            raise OncoFMError("feature standard deviations must be positive")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def standardize(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) features → standardised (unchanged without statistics); padded positions stay 0."""
+        if self.feature_mean is None or self.feature_std is None:
+            return feats
+        z = (feats - self.feature_mean) / self.feature_std
+        return z if mask is None else z.masked_fill(~mask.unsqueeze(-1), 0.0)
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, N, 3, S, S) patches → (B, N, D) features (only real patches go through the encoder)."""
@@ -61,7 +92,7 @@ class SlideClassifier(nn.Module):
         return feats.view(b, n, -1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> SlideOutput:
-        feats = self.encode(x, mask) if x.ndim == 5 else x  # (B, N, D)
+        feats = self.standardize(self.encode(x, mask) if x.ndim == 5 else x, mask)  # (B, N, D)
         embedding, attention = self.aggregator(feats, mask)
         logit = self.head(embedding).squeeze(-1)
         patch_logits = self.head(self.aggregator.project(feats)).squeeze(-1)  # (B, N)
@@ -214,6 +245,35 @@ def predict_bags(model: SlideClassifier, dataset: torch.utils.data.Dataset, batc
     return results
 
 
+@dataclass
+class SlideResult:
+    """The slide model's output for one slide."""
+
+    prob: float
+    logit: float
+    embedding: np.ndarray  # (d,)
+    attention: np.ndarray  # (N,) sums to 1, aligned with the tiles' coords
+    version: str
+
+
+def predict_slides(model: SlideClassifier, bags: Sequence[np.ndarray], version: str = "unsaved") -> list[SlideResult]:
+    """The aggregator and head over every patch of each bag of features ((N_i, D) arrays): the one function
+    behind the training stage's exports and a new slide's prediction (:class:`oncofm.pathology.predict.SlidePredictor`)."""
+    encoder = model.encoder
+    model.encoder = None  # fed features, not pixels
+    try:
+        outs = predict_bags(model, FeatureBagDataset(list(bags), [0.0] * len(bags)))
+    finally:
+        model.encoder = encoder
+    results = []
+    for out in outs:
+        attention = np.asarray(out["attention"], dtype=np.float64).ravel()
+        results.append(SlideResult(prob=float(out["prob"]), logit=float(out["logit"]),
+                                   embedding=np.asarray(out["embedding"], dtype=np.float32).ravel(),
+                                   attention=attention / attention.sum(), version=version))
+    return results
+
+
 # --------------------------------------------------------------------------------------------------------
 # frozen-encoder feature caching
 def extract_features(encoder: nn.Module, tiles_h5: str | Path, out_h5: str | Path, *, batch_size: int = 64,
@@ -251,7 +311,32 @@ def extract_features(encoder: nn.Module, tiles_h5: str | Path, out_h5: str | Pat
     return out_h5
 
 
-def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(bags: Sequence[np.ndarray], eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (+ ``eps``) over every patch of ``bags`` ((N_i, D) arrays,
+    e.g. the training slides'), float32 (D,) each — the statistics :meth:`SlideClassifier.set_feature_stats`
+    takes. Accumulated per bag in float64 (Chan et al.'s pairwise update), so no stack of all patches is built.
+    """
+    n, mean, m2 = 0, None, None
+    for bag in bags:
+        x = np.asarray(bag, dtype=np.float64)
+        if x.ndim != 2 or not len(x):
+            continue
+        n_b, mean_b = len(x), x.mean(axis=0)
+        m2_b = ((x - mean_b) ** 2).sum(axis=0)
+        if mean is None:
+            n, mean, m2 = n_b, mean_b, m2_b
+            continue
+        delta = mean_b - mean
+        total = n + n_b
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta ** 2 * (n * n_b / total)
+        n = total
+    if mean is None:
+        raise OncoFMError("no patch features to compute standardisation statistics from")
+    return mean.astype(np.float32), (np.sqrt(m2 / n) + eps).astype(np.float32)
+
+
+def load_patch_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, coords (N, 2) int64) of a cached feature file."""
     import h5py
 

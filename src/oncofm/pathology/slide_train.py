@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from oncofm.config import StageSettings
 from oncofm.errors import OncoFMError
@@ -27,7 +27,7 @@ from oncofm.training import TrainSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SlideTrainSettings", "load_slide_model", "train_slide_model"]
+__all__ = ["SLIDE_PRESETS", "SlideTrainSettings", "load_slide_model", "train_slide_model"]
 
 #: Below this many labelled test slides per class an AUC says little; metrics.json says so.
 MIN_PER_CLASS = 10
@@ -37,8 +37,35 @@ def _default_train() -> TrainSettings:
     return TrainSettings(epochs=40, batch_size=4, lr=5e-4, weight_decay=1e-2, patience=10)
 
 
+#: Named starting points for :meth:`SlideTrainSettings.preset` (``oncofm train slide --preset NAME``).
+#: ``benchmark``: the recipe behind the slide-model numbers in README.md and docs/slide_model.md, exactly as
+#: ``bench/slide_mil.py`` trains it (which builds its models from this preset): frozen EfficientNet-Lite0
+#: (ImageNet weights) at 224 px with multiscale features (stages 4-7 averaged and concatenated, 704-d),
+#: z-scored with the training patches' mean/std, gated attention with hidden 32 and dropout 0.25, every patch
+#: of a bag per step with 40 % instance dropout, the instance-level loss (weight 1, the top-1 patch of a
+#: positive slide), AdamW lr 1e-3, weight decay 0.05, batch 8, at most 30 epochs, early stopping on the
+#: validation AUC with patience 8.
+SLIDE_PRESETS: dict[str, dict[str, Any]] = {
+    "benchmark": {
+        "encoder": "efficientnet-lite0",
+        "encoder_options": {"input_size": 224, "layers": "multiscale"},
+        "standardize_features": True,
+        "aggregator": "gated-attention",
+        "hidden": 32,
+        "dropout": 0.25,
+        "max_patches": 0,
+        "instance_drop": 0.4,
+        "instance_weight": 1.0,
+        "instance_k": 1,
+        "train": {"epochs": 30, "batch_size": 8, "lr": 1e-3, "weight_decay": 5e-2, "patience": 8,
+                  "monitor": "val_auc", "mode": "max"},
+    },
+}
+
+
 class SlideTrainSettings(StageSettings):
-    """Settings of ``oncofm train slide``."""
+    """Settings of ``oncofm train slide``; :meth:`preset` gives named recipes (``preset("benchmark")``: the one
+    behind the README's slide numbers, see :data:`SLIDE_PRESETS`)."""
 
     stage: ClassVar[str] = "slide_model"
 
@@ -52,11 +79,17 @@ class SlideTrainSettings(StageSettings):
         "features", description="features: frozen encoder, features cached once; end-to-end: train the "
                                 "encoder too on bags of --bag-size sampled patches")
     bag_size: int = Field(16, ge=1, description="patches sampled per slide per step (end-to-end)")
-    max_patches: int = Field(512, ge=1, description="patches sampled per slide per step (features mode)")
+    max_patches: int = Field(512, ge=0, description="patches sampled per slide per step (features mode); "
+                             "0: every patch")
     instance_drop: float = Field(0.0, ge=0, lt=1, description="instance dropout (features mode): share of a "
                                  "bag's patches dropped at random per training step, e.g. 0.4")
     instance_weight: float = Field(0.0, ge=0, description="weight of the instance-level pseudo-label loss (all "
                                    "patches of negative slides negative, top patches of positive slides positive)")
+    instance_k: int = Field(2, ge=1, description="top-scoring patches of a positive slide pseudo-labelled "
+                            "positive by the instance-level loss")
+    standardize_features: bool = Field(False, description="z-score each patch feature with the mean/std of the "
+                                       "training split's patches (features mode); the statistics are saved "
+                                       "in model.safetensors and applied by the model to every slide")
     hidden: int = Field(128, ge=4)
     dropout: float = Field(0.25, ge=0, lt=1)
     feature_batch: int = Field(64, ge=1)
@@ -64,6 +97,25 @@ class SlideTrainSettings(StageSettings):
     years: float = Field(5.0, gt=0)
     redo: bool = False
     train: TrainSettings = Field(default_factory=_default_train)
+
+    @model_validator(mode="after")
+    def _standardize_needs_features(self) -> SlideTrainSettings:
+        if self.standardize_features and self.mode != "features":
+            raise ValueError("standardize_features needs mode 'features' (statistics of frozen-encoder features)")
+        return self
+
+    @classmethod
+    def preset(cls, name: str, **values: Any) -> SlideTrainSettings:
+        """The settings of preset ``name`` (:data:`SLIDE_PRESETS`) with ``values`` on top (``None`` values are
+        ignored; ``train`` is merged field by field: a dict or the set fields of a TrainSettings)."""
+        if name not in SLIDE_PRESETS:
+            raise OncoFMError(f"unknown slide-model preset {name!r}; choose one of {', '.join(SLIDE_PRESETS)}")
+        merged = {**SLIDE_PRESETS[name], **{k: v for k, v in values.items() if v is not None}}
+        train = values.get("train")
+        if isinstance(train, TrainSettings):
+            train = train.model_dump(exclude_unset=True)
+        merged["train"] = TrainSettings.build(**{**SLIDE_PRESETS[name].get("train", {}), **(train or {})})
+        return cls.build(**merged)
 
 
 def _slide_table(settings: SlideTrainSettings) -> pd.DataFrame:
@@ -96,18 +148,29 @@ def _slide_table(settings: SlideTrainSettings) -> pd.DataFrame:
     return table[has_tiles].reset_index(drop=True)
 
 
-def _build_model(settings: SlideTrainSettings, with_encoder: bool) -> tuple[Any, Any]:
+def _build_model(settings: SlideTrainSettings, with_encoder: bool, in_dim: int | None = None
+                 ) -> tuple[Any, Any]:
+    """``(SlideClassifier, encoder)`` of ``settings`` (the model holds the encoder only ``with_encoder``).
+
+    ``in_dim``: build the aggregator for features of this width and no encoder at all (``encoder`` is None;
+    for callers that bring their own features, e.g. bench/slide_mil.py). With ``standardize_features`` the
+    model carries identity statistics until ``set_feature_stats`` (or ``load_state_dict``) sets them.
+    """
     from oncofm.pathology.encoders import create_encoder
     from oncofm.pathology.mil import create_aggregator
     from oncofm.pathology.slide_model import SlideClassifier
 
-    kw = dict(settings.encoder_options)
-    if settings.encoder_weights:
-        kw["weights"] = settings.encoder_weights
-    encoder = create_encoder(settings.encoder, **kw)
-    aggregator = create_aggregator(settings.aggregator, encoder.dim, hidden=settings.hidden,
-                                   dropout=settings.dropout)
-    return SlideClassifier(aggregator, encoder if with_encoder else None), encoder
+    encoder = None
+    if in_dim is None or with_encoder:
+        kw = dict(settings.encoder_options)
+        if settings.encoder_weights:
+            kw["weights"] = settings.encoder_weights
+        encoder = create_encoder(settings.encoder, **kw)
+    dim = int(in_dim) if in_dim is not None else encoder.dim
+    aggregator = create_aggregator(settings.aggregator, dim, hidden=settings.hidden, dropout=settings.dropout)
+    model = SlideClassifier(aggregator, encoder if with_encoder else None,
+                            feature_dim=dim if settings.standardize_features else None)
+    return model, encoder
 
 
 def _auc_block(y: np.ndarray, prob: np.ndarray, seed: int) -> dict[str, Any]:
@@ -136,8 +199,9 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
         SlideTask,
         collate_bags,
         extract_features,
-        load_features,
-        predict_bags,
+        feature_stats,
+        load_patch_features,
+        predict_slides,
     )
     from oncofm.paths import RunLayout
     from oncofm.training import fit
@@ -147,9 +211,17 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
     paths = {"weights": out / "model.safetensors", "config": out / "config.yaml", "metrics": out / "metrics.json",
              "predictions": out / "predictions.parquet", "embeddings": out / "embeddings.parquet",
              "attention": out / "attention"}
-    if not settings.redo and paths["metrics"].exists() and settings.same_as_saved(paths["config"], ("redo",)):
+    from oncofm.config import check_stage
+
+    if check_stage(settings, paths["config"], [paths["metrics"]], on_change="redo", what=f"the slide model in {out}"):
         log.info("slide model in %s is up to date (use --redo to retrain)", out)
         return paths
+    # fit() resumes from training/checkpoint: only a checkpoint of these very settings (an interrupted run)
+    stamp = out / "training" / "settings.yaml"
+    if (out / "training").exists() and (settings.redo or not settings.same_as_saved(stamp, ("redo",))):
+        import shutil
+
+        shutil.rmtree(out / "training")
     table = _slide_table(settings)
     labelled = table[table["label"].notna()]
     train_rows = labelled[labelled["split"] == "train"]
@@ -162,6 +234,11 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
     if val_rows["label"].nunique() < 1 or len(val_rows) == 0:
         log.warning("no labelled validation slides: epochs are selected on the training loss")
         train_settings = train_settings.model_copy(update={"monitor": "train_loss", "mode": "min"})
+    elif train_settings.monitor == "val_auc" and val_rows["label"].nunique() < 2:
+        log.warning("the labelled validation slides are all of one class (no AUC): epochs are selected on the "
+                    "validation loss")
+        train_settings = train_settings.model_copy(update={"monitor": "val_loss", "mode": "min"})
+    settings.save(stamp)
     torch.manual_seed(settings.train.seed)
     model, encoder = _build_model(settings, with_encoder=settings.mode == "end-to-end")
     feat_dir = out / "features" / settings.encoder
@@ -171,8 +248,9 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
                                    settings.slide_mpp)
         val_ds = (PatchBagDataset(val_rows["tiles"].tolist(), val_rows["label"].tolist(), settings.bag_size,
                                   settings.slide_mpp) if len(val_rows) else None)
-        fit(model, train_ds, val_ds, SlideTask(instance_weight=settings.instance_weight), train_settings,
-            out / "training", collate_fn=collate_bags)
+        fit(model, train_ds, val_ds, SlideTask(instance_weight=settings.instance_weight,
+                                               instance_k=settings.instance_k),
+            train_settings, out / "training", collate_fn=collate_bags)
         encoder = model.encoder
         feat_dir = out / "features" / f"{settings.encoder}-finetuned"
     from oncofm.logging_utils import track
@@ -182,30 +260,34 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
         h5 = extract_features(encoder, row.tiles, feat_dir / f"{row.stem}.h5", batch_size=settings.feature_batch,
                               slide_mpp=settings.slide_mpp, encoder_name=str(feat_dir.name),
                               redo=settings.redo or settings.mode == "end-to-end")
-        feats[row.stem] = load_features(h5)
+        feats[row.stem] = load_patch_features(h5)
+
+    if settings.standardize_features:  # statistics of the training split's patches; saved with the model
+        model.set_feature_stats(*feature_stats([feats[s][0] for s in table.loc[table["split"] == "train", "stem"]]))
 
     def bags(rows: pd.DataFrame, sample: int | None, drop: float = 0.0) -> FeatureBagDataset:
         return FeatureBagDataset([feats[s][0] for s in rows["stem"]], rows["label"].fillna(0).tolist(), sample,
                                  drop=drop)
 
     if settings.mode == "features":
-        fit(model, bags(train_rows, settings.max_patches, settings.instance_drop),
-            bags(val_rows, None) if len(val_rows) else None, SlideTask(instance_weight=settings.instance_weight),
+        fit(model, bags(train_rows, settings.max_patches or None, settings.instance_drop),
+            bags(val_rows, None) if len(val_rows) else None,
+            SlideTask(instance_weight=settings.instance_weight, instance_k=settings.instance_k),
             train_settings, out / "training", collate_fn=collate_bags)
-    model.encoder = None  # aggregator + head over the cached features of every patch
-    preds = predict_bags(model, bags(table, None))
     model.encoder = encoder  # saved with the model, so heatmaps and new slides use the same features
+    # the exports go through the predictor `explain` uses: aggregator + head over every patch's features
+    preds = predict_slides(model, [feats[s][0] for s in table["stem"]])
 
-    table["prob"] = [p["prob"] for p in preds]
+    table["prob"] = [p.prob for p in preds]
     write_parquet(table[["patient_id", "slide_id", "split", "prob"]], paths["predictions"], index=False)
-    emb = pd.DataFrame(np.stack([p["embedding"] for p in preds]), index=table["patient_id"])
+    emb = pd.DataFrame(np.stack([p.embedding for p in preds]), index=table["patient_id"])
     emb = emb.groupby(level=0).mean()
     emb.columns = [f"e{i}" for i in range(emb.shape[1])]
     emb.index.name = "patient_id"
     write_parquet(emb.astype(np.float32), paths["embeddings"])
     for row, p in zip(table.itertuples(), preds, strict=True):
         coords = feats[row.stem][1]
-        write_parquet(pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "attention": p["attention"]}),
+        write_parquet(pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1], "attention": p.attention}),
                       paths["attention"] / f"{row.stem}.parquet", index=False)
     metrics: dict[str, Any] = {"encoder": settings.encoder, "aggregator": settings.aggregator,
                                "mode": settings.mode, "n_slides": int(len(table)),

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from oncofm.config import StageSettings
+from oncofm.config import StageSettings, StageStamp, artifact_version, check_stamp
 from oncofm.errors import OncoFMError
 from oncofm.io import atomic_path
 from oncofm.pathology.qc import write_qc_png
@@ -88,7 +88,7 @@ class GridPlan:
 
 
 @dataclass
-class SlideResult:
+class TilingResult:
     """Outcome of one slide in a batch."""
 
     slide: str
@@ -166,7 +166,7 @@ def read_patch(slide: SlideReader, x: int, y: int, read_level: int, read_size: i
 
 # ----------------------------------------------------------------------------------------------------------
 # one slide
-def tile_slide(path: str | Path, settings: TilingSettings) -> SlideResult:
+def tile_slide(path: str | Path, settings: TilingSettings) -> TilingResult:
     """Tile one slide into ``settings.out`` (no locking; see :func:`tile_slides`). Raises on failure."""
     import h5py
 
@@ -196,6 +196,8 @@ def tile_slide(path: str | Path, settings: TilingSettings) -> SlideResult:
             "tissue_settings": json.dumps(settings.tissue.model_dump()),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "worker": _worker_id(),
         }
+        stamp = StageStamp.of(settings, GRID_IGNORE, _slide_inputs(path))
+        attrs.update({"settings_hash": stamp.settings_hash, "stage_stamp": json.dumps(stamp.to_dict())})
         h5_path = out / f"{stem}.h5"
         with atomic_path(h5_path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("coords", data=coords.astype(np.int64))
@@ -205,7 +207,7 @@ def tile_slide(path: str | Path, settings: TilingSettings) -> SlideResult:
         paths = {"h5": str(h5_path)}
         if settings.qc:
             paths["qc"] = str(write_qc_png(slide, masks, coords, plan, out / f"{stem}_qc.png", settings.qc_size))
-    return SlideResult(slide=str(path), status="done", n_patches=int(len(coords)),
+    return TilingResult(slide=str(path), status="done", n_patches=int(len(coords)),
                        seconds=time.perf_counter() - t0, worker=_worker_id(), paths=paths)
 
 
@@ -262,7 +264,7 @@ def release_lock(lock: Path) -> None:
         lock.unlink()
 
 
-def record_outcomes(out: Path, results: list[SlideResult], stale_after_s: float = 60.0) -> Path:
+def record_outcomes(out: Path, results: list[TilingResult], stale_after_s: float = 60.0) -> Path:
     """Update ``failures.csv``: add this batch's failures, drop slides that now succeeded (under a lock)."""
     target = out / FAILURES_FILE
     lock = out / (FAILURES_FILE + LOCK_SUFFIX)
@@ -292,37 +294,83 @@ def record_outcomes(out: Path, results: list[SlideResult], stale_after_s: float 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# stamps: an existing .h5 is reused only when it was tiled with the same settings from the same slide
+#: Tiling settings that do not change a slide's grid (left out of the comparison with its stamp).
+GRID_IGNORE: tuple[str, ...] = ("source", "out", "workers", "redo", "qc", "qc_size", "stale_lock_hours")
+
+
+def _slide_inputs(path: str | Path) -> dict[str, str]:
+    # name and size only: a slide copied elsewhere (new mtime) is the same slide
+    return {"slide": artifact_version(path, mtime=False)}
+
+
+def read_slide_stamp(h5_path: str | Path) -> StageStamp | None:
+    """The stamp (``stage_stamp`` attribute) of a tiles ``.h5``; ``None`` for one written before stamps."""
+    import h5py
+
+    try:
+        with h5py.File(h5_path, "r") as f:
+            raw = f.attrs.get("stage_stamp")
+    except OSError:
+        return None
+    if raw is None:
+        return None
+    return StageStamp.from_dict(json.loads(raw.decode() if isinstance(raw, bytes) else str(raw)))
+
+
+def tiles_up_to_date(path: str | Path, h5_path: str | Path, settings: TilingSettings) -> bool:
+    """True when ``h5_path`` holds the grid these settings would make of slide ``path``; False under
+    ``settings.redo``. Raises :class:`OncoFMError` naming each changed setting (and ``--redo``) otherwise."""
+    return check_stamp(settings, read_slide_stamp(h5_path), f"tiles {h5_path}", ignore=GRID_IGNORE,
+                       inputs=_slide_inputs(path), on_change="stop")
+
+
+def _existing(path: str, h5: Path, settings: TilingSettings) -> TilingResult:
+    """An existing .h5: skipped when up to date, else failed naming the changes (:func:`tile_slides` stops
+    before this; it catches another job writing the folder with other settings meanwhile)."""
+    try:
+        tiles_up_to_date(path, h5, settings)
+    except OncoFMError as exc:
+        return TilingResult(slide=path, status="failed", reason=str(exc).replace("\n", " "), worker=_worker_id())
+    return TilingResult(slide=path, status="skipped", worker=_worker_id())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # batch
-def _process_one(path: str, settings_json: str) -> SlideResult:
+def _process_one(path: str, settings_json: str) -> TilingResult:
     """Worker entry point (top level, so it pickles under ``spawn``): lock, tile, unlock; never raises."""
     settings = TilingSettings.model_validate_json(settings_json)
     out = Path(settings.out)
     stem = slide_stem(path)
     h5 = out / f"{stem}.h5"
     if h5.exists() and not settings.redo:
-        return SlideResult(slide=path, status="skipped", worker=_worker_id())
+        return _existing(path, h5, settings)
     lock = out / f"{stem}.h5{LOCK_SUFFIX}"
     if not acquire_lock(lock, settings.stale_lock_hours * 3600):
-        return SlideResult(slide=path, status="busy", reason="locked by another worker", worker=_worker_id())
+        return TilingResult(slide=path, status="busy", reason="locked by another worker", worker=_worker_id())
     try:
         if h5.exists() and not settings.redo:  # finished by someone else between our check and our lock
-            return SlideResult(slide=path, status="skipped", worker=_worker_id())
+            return _existing(path, h5, settings)
         return tile_slide(path, settings)
     except Exception as exc:  # one bad slide must not stop the batch; the reason goes to failures.csv
         reason = str(exc) if isinstance(exc, OncoFMError) else \
             f"reading failed ({type(exc).__name__}: {exc}); the file may be corrupt or truncated"
         log.debug("slide %s failed", path, exc_info=True)
-        return SlideResult(slide=path, status="failed", reason=reason.replace("\n", " "), worker=_worker_id())
+        return TilingResult(slide=path, status="failed", reason=reason.replace("\n", " "), worker=_worker_id())
     finally:
         release_lock(lock)
 
 
-def tile_slides(settings: TilingSettings, progress: bool = True) -> list[SlideResult]:
+def tile_slides(settings: TilingSettings, progress: bool = True) -> list[TilingResult]:
     """Tile a slide or every slide in a folder (see module docstring). Returns one result per slide."""
     from oncofm.logging_utils import make_progress
 
     slides = find_slides(settings.source)
     out = Path(settings.out)
+    for path in slides:  # stop before any work (and before the saved settings change) on tiles made otherwise
+        h5 = out / f"{slide_stem(path)}.h5"
+        if not settings.redo and h5.exists():
+            tiles_up_to_date(path, h5, settings)
     out.mkdir(parents=True, exist_ok=True)
     settings.save(out / "tiles_settings.yaml")
     if out.name == "tiles":  # RUN/tiles: also where every stage keeps its settings
@@ -330,7 +378,7 @@ def tile_slides(settings: TilingSettings, progress: bool = True) -> list[SlideRe
 
         settings.save(RunLayout(out.parent).settings_file(settings.stage))
     payload = settings.model_dump_json()
-    results: list[SlideResult] = []
+    results: list[TilingResult] = []
     with make_progress() as bar:
         task = bar.add_task("tiling", total=len(slides), visible=progress)
         if settings.workers == 1 or len(slides) == 1:

@@ -11,7 +11,7 @@ import numpy as np
 from oncofm.report import plots
 
 if TYPE_CHECKING:
-    from oncofm.report.explain import Explanation
+    from oncofm.explain.pipeline import Explanation
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;color:#1d2733;background:#f5f6f8}
@@ -32,6 +32,9 @@ figcaption{font-size:.85rem;color:#5d6d7e}
 .patch{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:6px;font-size:.78rem}
 .patch img{width:100%;border-radius:4px}.patch table{width:100%;font-size:.72rem}.patch td{padding:1px 3px}
 .note{background:#eef3f8;border-left:4px solid #5d8aa8;padding:6px 10px;margin:6px 0;font-size:.9rem}
+.flag{background:#fdecea;border:1px solid #e6a19a;color:#7b241c;padding:8px 12px;border-radius:6px;margin:6px 0}
+.explanation.flagged{color:#7f8c8d}
+.summary{line-height:1.5;font-size:.95rem}
 """
 
 ZOOM_JS = """
@@ -76,8 +79,7 @@ def _header(ex: Explanation) -> str:
                 f'(risk {risk:.2f})</div><div class="muted">from the {_e(source)}</div>')
     rows = []
     if ex.omics is not None:
-        extra = " (stored output of the run's model)" if ex.omics.source == "stored" else ""
-        rows.append(f"<tr><td>omics model{extra}</td><td>{ex.omics.prob:.3f}</td></tr>")
+        rows.append(f"<tr><td>omics model</td><td>{ex.omics.prob:.3f}</td></tr>")
     if ex.slide is not None:
         rows.append(f"<tr><td>slide model</td><td>{ex.slide.prob:.3f}</td></tr>")
     if ex.fusion is not None and ex.fusion.risk is not None:
@@ -92,9 +94,10 @@ def _header(ex: Explanation) -> str:
             f'<div class="card">{pred}{table}</div>')
 
 
-def _notice() -> str:
-    from oncofm.report.explain import NOTICE
+NOTICE = "Research use only. Not for clinical decisions."
 
+
+def _notice() -> str:
     return NOTICE + " Predictions come from models trained on a research cohort and may be wrong."
 
 
@@ -102,10 +105,28 @@ def _explanation(ex: Explanation) -> str:
     if ex.fusion is None:
         body = ('<div class="note" id="explanation-missing">No generated explanation: the fusion LLM did not '
                 'run for this patient (see the notes below).</div>')
+    elif not ex.text_passed:
+        failures = [] if ex.check is None else ex.check.failures
+        items = "".join(f"<li><b>{_e(f.rule)}</b>: {_e(f.detail)}<br><span class='muted'>“{_e(f.statement)}”"
+                        "</span></li>" for f in failures)
+        body = ('<div class="flag" id="explanation-flag"><b>Flagged: this generated explanation failed the automatic '
+                'check and must not be read as sound.</b> The headline prediction above comes from the unimodal '
+                f'models. Failing statements:<ul id="check-failures">{items}</ul></div>'
+                f'<div class="explanation flagged" id="explanation">{_e(ex.fusion.text)}</div>')
     else:
-        body = f'<div class="explanation" id="explanation">{_e(ex.fusion.text)}</div>'
-        if ex.fusion.prediction is None:
-            body += '<div class="note">The generated text has no parseable prediction line.</div>'
+        from oncofm.fusion.checker import RULES
+
+        n = f" ({len(RULES)} rules)"
+        body = (f'<div class="explanation" id="explanation">{_e(ex.fusion.text)}</div>'
+                f'<div class="muted" id="check-passed">Checked against the evidence record{_e(n)}: every gene, '
+                'direction and number is in the evidence, no sentence repeats, and the verdict agrees with the '
+                'models.</div>')
+    if ex.evidence is not None:
+        from oncofm.fusion.templates import evidence_summary
+
+        body += ("<h3>Evidence summary</h3><div class='summary' id='evidence-summary'>"
+                 f"{_e(evidence_summary(ex.evidence.to_dict()))}</div><div class='muted'>Rendered from the evidence "
+                 "record by a fixed template, not written by the LLM.</div>")
     return f"<h2>Explanation</h2><div class='card'>{body}</div>"
 
 
@@ -114,7 +135,7 @@ def _notes(ex: Explanation) -> str:
     if not notes:
         return ""
     items = "".join(f'<div class="note">{_e(n)}</div>' for n in notes)
-    return f'<h2>Missing modalities and models</h2><div id="notes">{items}</div>'
+    return f'<h2>Notes: missing modalities, models and checks</h2><div id="notes">{items}</div>'
 
 
 def _slide(ex: Explanation) -> str:
@@ -157,15 +178,20 @@ def _genes(ex: Explanation) -> str:
         return ""
     top = ex.settings.top_genes
     img = data_uri(plots.gene_bars_png(ex.omics.attributions, top))
-    cols = [c for c in ("gene", "attribution", "expression_z", "coef", "q") if c in ex.omics.attributions]
+    from oncofm.fusion.evidence import cox_agrees
+
+    table = ex.omics.attributions.head(top).copy()
+    table["agrees with Cox"] = np.where(cox_agrees(table), "yes", "no")
+    cols = [c for c in ("gene", "attribution", "expression_z", "coef", "q", "agrees with Cox") if c in table]
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r[c], q=c == 'q')}</td>" for c in cols) + "</tr>"
-                   for _, r in ex.omics.attributions.head(top).iterrows())
+                   for _, r in table.iterrows())
     cov = ""
-    if ex.norm is not None:
-        cov = (f"<figcaption>{ex.norm.n_present} of the model's {ex.norm.n_model_genes} genes were measured; "
+    if ex.omics is not None:
+        cov = (f"<figcaption>{ex.omics.n_present} of the model's {ex.omics.n_model_genes} genes were measured; "
                "expression_z is the value normalised with the training statistics, coef the Cox coefficient "
-               "for this cancer type.</figcaption>")
+               "for this cancer type; \"agrees with Cox\": the sign of the model's attribution is that of "
+               "z × coef; with the default gene rule the explanation cites only genes that agree.</figcaption>")
     return (f"<h2>Top contributing genes</h2><div class='row'><figure><img id='genes' src='{img}' "
             f"alt='gene contributions'>{cov}</figure><div><table>{'<tr>' + head + '</tr>'}{body}</table></div></div>")
 

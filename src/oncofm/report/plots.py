@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from oncofm.report.steps import CohortContext, TiledSlide
+    from oncofm.explain.context import CohortContext
+    from oncofm.pathology.predict import TiledSlide
 
 RISK_COLOR = "#c0392b"
 PROTECTIVE_COLOR = "#2471a3"

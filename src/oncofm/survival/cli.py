@@ -21,7 +21,7 @@ def cox_cmd(
 
     Expression is the run's normalised expression (robust z within cancer type), so coefficients are log
     hazard ratios per robust SD. q is Benjamini-Hochberg within each cancer type; rows with
-    cancer_type "__pan__" come from the model stratified by cancer type.
+    cancer_type PAN_CANCER ("__pan__") come from the model stratified by cancer type.
     """
     from oncofm.survival.cox_stage import CoxSettings, run_cox
 

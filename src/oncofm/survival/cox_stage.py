@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from oncofm.cohort.schema import SPLIT_COL, Col
+from oncofm.cohort.schema import PAN_CANCER, SPLIT_COL, Col
 from oncofm.config import StageSettings
 from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.io import write_parquet
@@ -33,7 +33,6 @@ from oncofm.survival.fdr import bh_by_group
 
 log = logging.getLogger(__name__)
 
-PAN_CANCER = "__pan__"
 COLUMNS = ("gene", "cancer_type", "horizon_years", "coef", "se", "z", "p", "q", "n", "events", "converged",
            "note")
 
@@ -134,12 +133,11 @@ def run_cox(settings: CoxSettings) -> dict[str, Path]:
     """Fit the table on the training split, write ``cox/coefficients.parquet`` and plots; return paths."""
     layout = RunLayout(settings.run)
     settings_path = layout.settings_file(settings.stage)
-    if (not settings.redo and layout.coefficients.exists()
-            and settings.same_as_saved(settings_path, ignore=("redo",))):
+    from oncofm.config import check_stage
+
+    if check_stage(settings, settings_path, [layout.coefficients], on_change="redo"):  # changed: warns, refits
         log.info("%s exists with the same settings; skipping (pass --redo to refit)", layout.coefficients)
         return {"coefficients": layout.coefficients}
-    if layout.coefficients.exists() and not settings.redo:
-        log.info("%s exists with different settings; refitting", layout.coefficients)
     expression, patients = _training_inputs(settings.run)
     events = patients[Col.OS_EVENT].to_numpy(dtype=float)
     log.info("fitting %d genes × %d cancer types on %d training patients (%d deaths), OS censored at %g years",

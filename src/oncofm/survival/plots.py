@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from oncofm.cohort.schema import PAN_CANCER
 from oncofm.io import save_figure
 
 __all__ = ["plot_heatmap", "plot_volcano", "plot_volcanoes", "top_genes"]
@@ -68,7 +69,7 @@ def top_genes(table: pd.DataFrame, n: int, q_max: float = 0.05) -> list[str]:
     |z|) with q < ``q_max`` not yet chosen; when no type has one left, the list is topped up with the
     genes of smallest q anywhere.
     """
-    per = table[table["cancer_type"] != "__pan__"].dropna(subset=["q"])
+    per = table[table["cancer_type"] != PAN_CANCER].dropna(subset=["q"])
     if per.empty:
         per = table.dropna(subset=["q"])
     ranked = per.assign(absz=per["z"].abs()).sort_values(["q", "absz"], ascending=[True, False])
@@ -95,7 +96,7 @@ def plot_heatmap(table: pd.DataFrame, path: str | Path, n_genes: int = 40) -> Pa
     genes = top_genes(table, n_genes)
     coef = table.pivot_table(index="gene", columns="cancer_type", values="coef", aggfunc="first", dropna=False)
     q = table.pivot_table(index="gene", columns="cancer_type", values="q", aggfunc="first", dropna=False)
-    cols = sorted(c for c in coef.columns if c != "__pan__") + (["__pan__"] if "__pan__" in coef.columns else [])
+    cols = sorted(c for c in coef.columns if c != PAN_CANCER) + ([PAN_CANCER] if PAN_CANCER in coef.columns else [])
     coef = coef.reindex(index=genes, columns=cols)
     q = q.reindex(index=genes, columns=cols)
     vmax = float(np.nanpercentile(np.abs(coef.to_numpy()), 98)) if np.isfinite(coef.to_numpy()).any() else 1.0

@@ -25,6 +25,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import Field
 
+from oncofm.cohort.images import demo_patients
 from oncofm.config import StageSettings
 from oncofm.errors import OncoFMError
 from oncofm.paths import RunLayout
@@ -45,29 +46,6 @@ class WebSettings(StageSettings):
     max_upload_mb: float = Field(512.0, gt=0, description="largest accepted upload (each file), MB")
     workers: int = Field(2, ge=1, le=16, description="explanations run at the same time")
     jobs_dir: str | None = Field(None, description="where job folders go (default: a temporary folder)")
-
-
-def demo_patients(run: str | Path) -> list[dict[str, Any]]:
-    """Cohort patients of the run that have a real H&E image on disk (the bundled demo patients)."""
-    import pandas as pd
-
-    from oncofm.cohort.schema import Col
-    from oncofm.report.inputs import image_table
-
-    layout = RunLayout(run)
-    images = image_table(layout)
-    if images.empty or not layout.patients.exists():
-        return []
-    patients = pd.read_parquet(layout.patients, columns=[Col.PATIENT, Col.CANCER]).set_index(Col.PATIENT)
-    splits = (pd.read_parquet(layout.splits).set_index(Col.PATIENT)["split"] if layout.splits.exists()
-              else pd.Series(dtype=str))
-    out = []
-    for row in images.itertuples():
-        if row.patient_id not in patients.index or not Path(row.path).is_file():
-            continue
-        out.append({"patient_id": row.patient_id, "cancer_type": str(patients.loc[row.patient_id, Col.CANCER]),
-                    "split": str(splits.get(row.patient_id, "")), "has_slide": True})
-    return sorted(out, key=lambda r: (r["cancer_type"], r["patient_id"]))
 
 
 async def _save_upload(upload: Any, target_stem: Path, max_bytes: int, kind: str) -> tuple[Path, bytes]:
@@ -98,9 +76,11 @@ class _TooLarge(OncoFMError):
 async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, patient_id: str | None, cancer_type: str | None, mpp: float | None,
                       expression: Any, slide: Any) -> dict[str, Any]:
     """Save the uploads under server-chosen names and check their content; the job's explain settings."""
-    from oncofm.report.inputs import read_expression_file
+    from oncofm.explain.inputs import check_cancer_type, read_expression_file
     from oncofm.web.jobs import slide_extension
 
+    if cancer_type:  # explain's policy: a type unseen in training runs pan-cancer with a note; a non-code is a 400
+        check_cancer_type(cancer_type, RunLayout(settings.run))
     params: dict[str, Any] = {"patient_id": patient_id or None, "cancer_type": cancer_type or None, "mpp": mpp}
     if patient_id and patient_id not in {p["patient_id"] for p in demo_patients(settings.run)}:
         raise OncoFMError(f"unknown demo patient {patient_id!r}")
@@ -120,16 +100,16 @@ async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, pati
     return params
 
 
-def create_app(settings: WebSettings, steps: Any = None):  # noqa: ANN201 - FastAPI
-    """Build the FastAPI app for ``settings.run`` (``steps``: swappable inference steps, for tests)."""
-    from oncofm.report.inputs import known_cancer_types
+def create_app(settings: WebSettings, predictors: Any = None):  # noqa: ANN201 - FastAPI
+    """Build the FastAPI app for ``settings.run`` (``predictors``: the models to run, for tests; default: the run's own)."""
+    from oncofm.explain.inputs import known_cancer_types
     from oncofm.web.jobs import JobManager
 
     layout = RunLayout(settings.run)
     if not layout.patients.exists():
         raise OncoFMError(f"{settings.run} has no imported cohort; run `oncofm demo` or the pipeline first")
     jobs_root = Path(settings.jobs_dir) if settings.jobs_dir else Path(tempfile.mkdtemp(prefix="oncofm-jobs-"))
-    manager = JobManager(settings.run, jobs_root, workers=settings.workers, steps=steps)
+    manager = JobManager(settings.run, jobs_root, workers=settings.workers, predictors=predictors)
     max_bytes = int(settings.max_upload_mb * 2**20)
 
     @contextlib.asynccontextmanager
@@ -213,11 +193,11 @@ def _add_job_routes(app: Any, manager: Any) -> None:
         return _output(job_id, "explanation.json", "application/json")
 
 
-def serve(settings: WebSettings, steps: Any = None) -> None:
+def serve(settings: WebSettings, predictors: Any = None) -> None:
     """Run the app with uvicorn (blocking)."""
     import uvicorn
 
-    app = create_app(settings, steps=steps)
+    app = create_app(settings, predictors=predictors)
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the app has no authentication; anyone who can reach this address can "
                     "use it", settings.host)

@@ -88,11 +88,11 @@ class Job:
 class JobManager:
     """Runs explanations in a thread pool, each in its own folder under ``root``."""
 
-    def __init__(self, run: str | Path, root: str | Path, workers: int = 2, steps: Any = None) -> None:
+    def __init__(self, run: str | Path, root: str | Path, workers: int = 2, predictors: Any = None) -> None:
         self.run = str(run)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.steps = steps
+        self.predictors = predictors
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oncofm-job")
@@ -118,7 +118,7 @@ class JobManager:
             return self._jobs.get(job_id)
 
     def _run(self, job: Job) -> None:
-        from oncofm.report.explain import ExplainSettings, explain_patient
+        from oncofm.explain.pipeline import ExplainSettings, explain_patient
 
         job.status, job.step = "running", "starting"
         t0 = time.perf_counter()
@@ -128,7 +128,7 @@ class JobManager:
 
         try:
             settings = ExplainSettings.build(run=self.run, out=str(job.report_dir), **job.params)
-            explain_patient(settings, steps=self.steps, progress=progress)
+            explain_patient(settings, predictors=self.predictors, progress=progress)
             job.status, job.step, job.progress = "done", "done", 1.0
         except OncoFMError as exc:
             job.status, job.error = "failed", str(exc)

@@ -1,59 +1,21 @@
 """Cohort importers, registered by format name.
 
 An importer is a function ``(settings: ImportSettings) -> ImportedCohort``. Register a new one with
-``@register_importer("name")``; ``oncofm cohort import --format name`` then finds it.
+``@register_importer("name")`` (:mod:`oncofm.cohort.importers.registry`); ``oncofm cohort import --format
+name`` then finds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import pandas as pd
-
+from oncofm.cohort.importers.registry import _IMPORTERS, ImportedCohort, Importer, register_importer
 from oncofm.errors import OncoFMError
 
-if TYPE_CHECKING:
-    from oncofm.cohort.importing import ImportSettings
-
-
-@dataclass
-class ImportedCohort:
-    """What an importer returns, before validation and writing."""
-
-    patients: pd.DataFrame
-    expression: pd.DataFrame
-    cnv: pd.DataFrame | None = None
-    mutation: pd.DataFrame | None = None
-    slides: pd.DataFrame | None = None  # patient_id, slide_id (file name or path)
-    notes: list[str] = field(default_factory=list)  # soft problems, reported in the summary
-    # which file each table came from, for error messages: keys "clinical", "expression", "cnv", "mutation"
-    files: dict[str, str] = field(default_factory=dict)
-
-
-Importer = Callable[["ImportSettings"], ImportedCohort]
-_IMPORTERS: dict[str, Importer] = {}
-_BUILTIN_MODULES = ("tcga13", "firehose", "generic", "gdc")
-
-
-def register_importer(name: str) -> Callable[[Importer], Importer]:
-    def deco(fn: Importer) -> Importer:
-        _IMPORTERS[name] = fn
-        return fn
-
-    return deco
+__all__ = ["ImportedCohort", "Importer", "available_formats", "get_importer", "register_importer"]
 
 
 def _load_builtins() -> None:
-    import importlib
-
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"oncofm.cohort.importers.{mod}")
-        except ModuleNotFoundError as exc:  # a builtin not written yet
-            if exc.name != f"oncofm.cohort.importers.{mod}":
-                raise
+    """Register the built-in importers (plain imports: a broken importer module fails loudly)."""
+    from oncofm.cohort.importers import firehose, gdc, generic, tcga13  # noqa: F401 - registers them
 
 
 def get_importer(name: str) -> Importer:

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from oncofm.cohort.importers import ImportedCohort, register_importer
 from oncofm.cohort.importers.common import (
     dedupe_symbols,
     maybe_log2,
     primary_tumour_one_per_patient,
     read_cdr,
 )
+from oncofm.cohort.importers.registry import ImportedCohort, register_importer
 from oncofm.cohort.schema import Col
 from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.logging_utils import track

@@ -33,7 +33,7 @@ from oncofm.cohort.gdc import (
     read_star_counts,
     write_gdc_manifest,
 )
-from oncofm.cohort.importers import ImportedCohort, register_importer
+from oncofm.cohort.importers.registry import ImportedCohort, register_importer
 from oncofm.cohort.schema import Col
 from oncofm.errors import OncoFMError
 from oncofm.paths import RunLayout

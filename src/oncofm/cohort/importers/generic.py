@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oncofm.cohort.importers import ImportedCohort, register_importer
 from oncofm.cohort.importers.common import maybe_log2, read_table, require_columns, table_kind
+from oncofm.cohort.importers.registry import ImportedCohort, register_importer
 from oncofm.cohort.schema import Col
 from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.survival.endpoints import DAYS_PER_MONTH, DAYS_PER_YEAR

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from oncofm.cohort.importers import ImportedCohort, register_importer
+from oncofm.cohort.importers.registry import ImportedCohort, register_importer
 from oncofm.cohort.schema import Col
 from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.survival.endpoints import DAYS_PER_MONTH

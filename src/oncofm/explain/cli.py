@@ -36,7 +36,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         OUT/heatmap.png. A missing modality or model becomes a note in the report; bad input stops
         with a message and writes nothing. Research use only, not for clinical decisions.
         """
-        from oncofm.report.explain import ExplainSettings, explain_patient
+        from oncofm.explain.pipeline import ExplainSettings, explain_patient
 
         settings = ExplainSettings.build(
             run=str(run), out=str(out), patient_id=patient_id,

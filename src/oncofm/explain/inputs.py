@@ -1,4 +1,4 @@
-"""Reading one patient's input for ``oncofm explain``: a cohort patient, or an uploaded expression file.
+"""Reading one patient's input for ``oncofm explain`` and the web app: a cohort patient, or an uploaded expression file.
 
 Everything here validates user input and raises :class:`~oncofm.errors.OncoFMError` with a message that
 says what to fix; nothing is written.
@@ -6,14 +6,16 @@ says what to fix; nothing is written.
 
 from __future__ import annotations
 
+import difflib
 import logging
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from oncofm.cohort.images import image_table, import_source
+from oncofm.cohort.patient import PatientInput
 from oncofm.cohort.schema import Col
 from oncofm.errors import OncoFMError
 from oncofm.paths import RunLayout
@@ -24,22 +26,6 @@ EXPRESSION_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".csv.gz", ".tsv.gz")
 PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-@dataclass
-class PatientInput:
-    """One patient to explain (raw, un-normalised values)."""
-
-    patient_id: str
-    cancer_type: str
-    expression: pd.Series | None  # gene -> raw value, in the cohort's units; None = no omics
-    slide: Path | None  # None = no slide
-    mpp: float | None  # microns per pixel given by the user (None = read from the slide)
-    source: str  # "cohort" (a patient of the run) or "upload"
-    split: str | None = None  # the patient's split in the run, for cohort patients
-    age: float | None = None
-    sex: str | None = None  # "female" / "male" / None
-    notes: list[str] = field(default_factory=list)
-
-
 def known_cancer_types(layout: RunLayout) -> list[str]:
     """Cancer types the run was trained on (those with normalisation statistics)."""
     layout.require(layout.normalization, "Run `oncofm cohort split --run RUN` first.")
@@ -47,17 +33,46 @@ def known_cancer_types(layout: RunLayout) -> list[str]:
     return sorted(t for t in stats[Col.CANCER].unique() if not str(t).startswith("__"))
 
 
-def check_cancer_type(cancer_type: str, layout: RunLayout) -> str:
-    """Return ``cancer_type`` in the run's spelling, or raise listing the known ones."""
+#: A cancer type the run was not trained on must look like a cancer type code: 2–12 letters or digits,
+#: starting with a letter (TCGA project codes such as LUAD, OV, COADREAD; a leading ``TCGA-`` is dropped).
+CANCER_CODE = re.compile(r"^[A-Z][A-Z0-9]{1,11}$")
+
+
+def resolve_cancer_type(cancer_type: str, layout: RunLayout, *, check_format: bool = True) -> tuple[str, bool]:
+    """``(cancer type, seen in training)``: a type the run was trained on in the run's spelling (case and a
+    ``TCGA-`` prefix ignored), else the code upper-cased and ``False``: the one policy for unseen types in
+    ``explain``, the web app and ``evaluate`` is a pan-cancer fallback with a warning
+    (:func:`unseen_cancer_type_note`). Raises, listing the known types, for a value that is not a cancer
+    type code (:data:`CANCER_CODE`; ``check_format=False`` for the run's own cohort records)."""
     known = known_cancer_types(layout)
     lookup = {k.upper(): k for k in known}
-    key = cancer_type.strip().upper()
+    key = str(cancer_type).strip().upper()
     if key.startswith("TCGA-"):
         key = key[5:]
-    if key not in lookup:
-        raise OncoFMError(f"unknown cancer type {cancer_type!r}: this run was trained on {', '.join(known)}. "
-                          "Pass --cancer-type with one of these.")
-    return lookup[key]
+    if key in lookup:
+        return lookup[key], True
+    if not check_format:
+        return str(cancer_type), False
+    if not CANCER_CODE.match(key):
+        raise OncoFMError(f"cancer type {cancer_type!r} is not a cancer type code: give a TCGA project code "
+                          f"(2–12 letters or digits, e.g. KIRC or TCGA-KIRC); this run was trained on "
+                          f"{', '.join(known)} (other codes are accepted with a pan-cancer fallback and a warning)")
+    return key, False
+
+
+def check_cancer_type(cancer_type: str, layout: RunLayout) -> str:
+    """The cancer type in the run's spelling (a trained type) or as an upper-cased code (an unseen one);
+    raises for a value that is not a cancer type code (see :func:`resolve_cancer_type`)."""
+    return resolve_cancer_type(cancer_type, layout)[0]
+
+
+def unseen_cancer_type_note(cancer_type: str, known: list[str]) -> str:
+    """The warning for a cancer type the model was not trained on (report, web app and ``evaluate`` log)."""
+    close = difflib.get_close_matches(str(cancer_type).upper(), [k.upper() for k in known], n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"cancer type {cancer_type} was not seen in training{hint} (trained on {', '.join(known)}): the "
+            "omics model uses the pan-cancer normalisation statistics and Cox coefficients and its "
+            "unknown-cancer-type embedding, so this prediction is less reliable than for a trained type")
 
 
 def read_expression_file(path: str | Path) -> pd.Series:
@@ -157,27 +172,6 @@ def cohort_slide_path(layout: RunLayout, patient_id: str) -> tuple[Path | None, 
     return None, None
 
 
-def image_table(layout: RunLayout) -> pd.DataFrame:
-    """``patient_id, path, mpp`` of the real H&E images listed in the import source's ``images.csv``."""
-    src = import_source(layout)
-    if src is None or not (src / "images.csv").is_file():
-        return pd.DataFrame(columns=["patient_id", "path", "mpp"])
-    table = pd.read_csv(src / "images.csv")
-    folder = src / "images"
-    return pd.DataFrame({"patient_id": table["patient_id"].astype(str),
-                         "path": [str(folder / f) for f in table["file"].astype(str)],
-                         "mpp": pd.to_numeric(table.get("mpp"), errors="coerce")})
-
-
-def import_source(layout: RunLayout) -> Path | None:
-    """The folder the run's cohort was imported from (from its saved settings), if it is a folder."""
-    settings = layout.settings_file("cohort_import")
-    if not settings.exists():
-        return None
-    source = (yaml.safe_load(settings.read_text()) or {}).get("source")
-    return Path(source) if source and Path(source).is_dir() else None
-
-
 def _slide_folders(layout: RunLayout) -> list[Path]:
     """Folders where relative slide IDs are looked up: the run, and the import source (+ slides/, images/)."""
     folders = [layout.root, layout.cohort_dir]
@@ -211,7 +205,7 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
         patient = cohort_patient(layout, patient_id)
         if cancer_type:
             check = check_cancer_type(cancer_type, layout)
-            if check != patient.cancer_type:
+            if check.upper() != patient.cancer_type.upper():
                 raise OncoFMError(f"--cancer-type {cancer_type} contradicts the cohort record of {patient_id} "
                                   f"({patient.cancer_type}); leave it out")
     else:
@@ -223,7 +217,11 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
         if expression:
             patient.expression = read_expression_file(expression)
             patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
-    patient.cancer_type = check_cancer_type(patient.cancer_type, layout)
+    patient.cancer_type, seen = resolve_cancer_type(patient.cancer_type, layout, check_format=not patient_id)
+    if not seen:
+        note = unseen_cancer_type_note(patient.cancer_type, known_cancer_types(layout))
+        log.warning("%s", note)
+        patient.notes.append(note)
     if slide:
         slide = Path(slide)
         if not slide.is_file():

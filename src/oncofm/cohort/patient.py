@@ -1,0 +1,26 @@
+"""One patient's raw inputs, as every predictor takes them (``predict(patient, workdir)``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["PatientInput"]
+
+
+@dataclass
+class PatientInput:
+    """One patient to predict and explain (raw, un-normalised values)."""
+
+    patient_id: str
+    cancer_type: str
+    expression: pd.Series | None  # gene -> raw value, in the cohort's units; None = no omics
+    slide: Path | None  # None = no slide
+    mpp: float | None  # microns per pixel given by the user (None = read from the slide)
+    source: str  # "cohort" (a patient of the run) or "upload"
+    split: str | None = None  # the patient's split in the run, for cohort patients
+    age: float | None = None
+    sex: str | None = None  # "female" / "male" / None
+    notes: list[str] = field(default_factory=list)
