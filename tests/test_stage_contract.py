@@ -196,7 +196,7 @@ def test_fusion_changed_setting_stops_before_loading_the_llm(tmp_path: Path, mon
     write_stamp(settings, layout.settings_file("fusion"),
                 inputs={"reasoning/dataset.jsonl": artifact_version(dataset)})
 
-    assert train_fusion(settings)["projector"] == out / "projector.safetensors"  # same settings: skipped
+    assert train_fusion(settings)["weights"] == out / "projector.safetensors"  # same settings: skipped
     assert train_fusion(settings.model_copy(update={"max_eval_patients": 5, "threads": 1}))  # evaluation-only
     with pytest.raises(OncoFMError) as info:
         train_fusion(settings.model_copy(update={"lora_r": 8}))

@@ -28,6 +28,18 @@ from oncofm.io import write_text
 S = TypeVar("S", bound="StageSettings")
 
 
+def read_settings_mapping(path: str | Path) -> dict[str, Any]:
+    """The ``setting: value`` mapping of a settings YAML file (``_meta`` dropped); a clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise OncoFMError(f"settings file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise OncoFMError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
+    data.pop("_meta", None)
+    return data
+
+
 class StageSettings(BaseModel):
     """Base class of every stage's settings."""
 
@@ -38,13 +50,7 @@ class StageSettings(BaseModel):
     @classmethod
     def from_yaml(cls: type[S], path: str | Path, **overrides: Any) -> S:
         """Read settings from a YAML file; keyword overrides win over the file."""
-        path = Path(path)
-        if not path.exists():
-            raise OncoFMError(f"settings file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise OncoFMError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-        data.pop("_meta", None)
+        data = read_settings_mapping(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.build(**data)
 

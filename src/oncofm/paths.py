@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 from oncofm.errors import MissingArtifactError
 
@@ -101,3 +102,18 @@ class RunLayout:
         if not path.exists():
             raise MissingArtifactError(path, hint)
         return path
+
+
+A = TypeVar("A", bound="ModelArtifacts")
+
+
+@dataclass(frozen=True)
+class ModelArtifacts:
+    """Base of a model's artifacts class: the files of ``RUN/models/<name>/`` as properties."""
+
+    dir: Path
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def of(cls: type[A], run: str | Path) -> A:
+        return cls(RunLayout(run).model_dir(cls.name))

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import yaml
 from pydantic import Field
 
@@ -360,6 +359,3 @@ def _replace_dir(src: Path, dst: Path) -> None:
     else:
         os.replace(src, dst)
 
-
-def risk_label(risk: float | None) -> str:
-    return "—" if risk is None or not np.isfinite(risk) else f"{risk:.2f}"

@@ -146,7 +146,10 @@ def evaluate_fusion(settings: FusionEvaluateSettings) -> dict[str, Any]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     layout = RunLayout(settings.run)
-    out = layout.model_dir("fusion")
+    from oncofm.fusion.artifacts import FusionArtifacts
+
+    arts = FusionArtifacts.of(settings.run)
+    out = arts.dir
     records = [r for r in read_dataset(settings.run) if r["split"] == settings.split and r["label"] is not None]
     if settings.max_eval_patients and len(records) > settings.max_eval_patients:
         rng = np.random.default_rng(settings.seed)
@@ -186,7 +189,7 @@ def evaluate_fusion(settings: FusionEvaluateSettings) -> dict[str, Any]:
                      "parsed": parsed is not None, "risk": parsed.risk if parsed else None,
                      "death": parsed.death if parsed else None, "faithfulness": f.faithfulness,
                      "evidence": r["evidence"], "reference": r["target"], "check": checks[-1].as_dict()})
-    with atomic_path(out / "generations.jsonl") as tmp, open(tmp, "w") as fh:
+    with atomic_path(arts.generations) as tmp, open(tmp, "w") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -226,7 +229,7 @@ def evaluate_fusion(settings: FusionEvaluateSettings) -> dict[str, Any]:
         "train": {k: cfg.get(k) for k in ("n_train_patients", "n_val_patients", "best_epoch", "best_val_loss",
                                           "epochs_run", "train_seconds", "trainable_parameters")},
     }
-    write_json(metrics, out / "metrics.json")
+    write_json(metrics, arts.metrics)
     write_expert_export(rows, out)
     settings.save(layout.settings_file(settings.stage))
     for line in format_metrics(metrics):

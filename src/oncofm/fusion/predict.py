@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from oncofm.errors import OncoFMError
+from oncofm.fusion.artifacts import FusionArtifacts
 from oncofm.fusion.evidence import Evidence, EvidenceSettings
 from oncofm.fusion.parse import ParsedPrediction, parse_prediction
-from oncofm.fusion.train import FUSION_DIR
 from oncofm.io import model_version
 from oncofm.paths import RunLayout
 
@@ -83,7 +83,7 @@ class FusionPredictor:
     def from_run(cls, layout: RunLayout) -> FusionPredictor | None:
         """The run's fusion model as the product runs it (fp32, LoRA merged), cached per process and
         reloaded when the model is retrained; ``None`` when the run has none (the caller notes it)."""
-        projector = layout.model_dir(FUSION_DIR) / "projector.safetensors"
+        projector = FusionArtifacts.of(layout.root).weights
         if not projector.exists():
             return None
         return _cached(str(layout.root.resolve()), "fp32", True, projector.stat().st_mtime_ns)
@@ -93,10 +93,11 @@ class FusionPredictor:
         from oncofm.fusion.train import load_fusion_model
 
         layout = RunLayout(run)
-        layout.require(layout.model_dir(FUSION_DIR) / "projector.safetensors", TRAIN_HINT)
+        arts = FusionArtifacts.of(run)
+        layout.require(arts.weights, TRAIN_HINT)
         model, tokenizer, cfg = load_fusion_model(run, precision=precision, merge=merge)
         max_new = int((cfg.get("settings") or {}).get("max_new_tokens", 200))
-        return cls(model, tokenizer, cfg, version=model_version(layout.model_dir(FUSION_DIR)), max_new_tokens=max_new)
+        return cls(model, tokenizer, cfg, version=model_version(arts.dir), max_new_tokens=max_new)
 
     # ------------------------------------------------------------------ inputs
     def embeddings(self, omics: np.ndarray | None, slide: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, bool, bool]:

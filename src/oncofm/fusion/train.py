@@ -19,6 +19,7 @@ from pydantic import Field
 
 from oncofm.config import StageSettings
 from oncofm.errors import OncoFMError
+from oncofm.fusion.artifacts import FusionArtifacts
 from oncofm.fusion.llm import LLMSettings, load_llm
 from oncofm.paths import RunLayout
 from oncofm.training import TrainSettings
@@ -26,9 +27,8 @@ from oncofm.training import TrainSettings
 log = logging.getLogger(__name__)
 
 __all__ = ["FusionSettings", "train_fusion", "build_fusion_model", "load_fusion_model", "fusion_items",
-           "inference_dtype", "FUSION_DIR"]
+           "inference_dtype"]
 
-FUSION_DIR = "fusion"
 
 
 def _default_train() -> TrainSettings:
@@ -131,8 +131,8 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     from oncofm.training import clear_checkpoint, fit
 
     layout = RunLayout(settings.run)
-    out = layout.model_dir(FUSION_DIR)
-    paths = {"projector": out / "projector.safetensors", "adapter": out / "adapter", "config": out / "config.yaml"}
+    out = FusionArtifacts.of(layout.root).dir
+    paths = FusionArtifacts.of(settings.run).outputs()
     from oncofm.config import artifact_version, check_stage, write_stamp
 
     # the model depends on these settings and on the reasoning dataset; it is reused only when both match
@@ -177,7 +177,7 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     head.update({f"projector.{k}": v.contiguous() for k, v in model.projector.state_dict().items()})
     tmp = out / ".projector.safetensors.tmp"
     save_file(head, str(tmp))
-    tmp.replace(paths["projector"])
+    tmp.replace(paths["weights"])
     tmp_dir = out / ".adapter.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     model.llm.save_pretrained(str(tmp_dir))
@@ -224,7 +224,7 @@ def load_fusion_model(run: str | Path, llm_settings: LLMSettings | None = None, 
     from oncofm.fusion.projector import build_projector
 
     layout = RunLayout(run)
-    out = layout.model_dir(FUSION_DIR)
+    out = FusionArtifacts.of(layout.root).dir
     layout.require(out / "config.yaml", "Run `oncofm train fusion --run RUN` first.")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     settings = FusionSettings.build(**cfg["settings"])

@@ -5,20 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from oncofm.paths import RunLayout
-
-MODEL_NAME = "omics"
+from oncofm.paths import ModelArtifacts
 
 
 @dataclass(frozen=True)
-class OmicsArtifacts:
+class OmicsArtifacts(ModelArtifacts):
     """Every file the ``train omics`` stage writes (see docs/CONTRACTS.md)."""
 
-    dir: Path
-
-    @classmethod
-    def of(cls, run: str | Path) -> OmicsArtifacts:
-        return cls(RunLayout(run).model_dir(MODEL_NAME))
+    name = "omics"
 
     weights = property(lambda self: self.dir / "model.safetensors")
     config = property(lambda self: self.dir / "config.yaml")
@@ -30,3 +24,9 @@ class OmicsArtifacts:
     calibration_png = property(lambda self: self.dir / "calibration.png")
     training_dir = property(lambda self: self.dir / "training")  # checkpoints + history.jsonl
     external_dir = property(lambda self: self.dir / "external")  # `oncofm evaluate` results per cohort
+
+    def outputs(self) -> dict[str, Path]:
+        """The stage's return value: the same keys as every model stage (``weights``, ``config``, ...)."""
+        return {"weights": self.weights, "config": self.config, "metrics": self.metrics,
+                "predictions": self.predictions, "embeddings": self.embeddings, "attributions": self.attributions,
+                "roc": self.roc_png, "calibration": self.calibration_png}

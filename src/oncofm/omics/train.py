@@ -270,9 +270,7 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     layout = RunLayout(settings.run)
     arts = OmicsArtifacts.of(settings.run)
     settings_file = layout.settings_file(STAGE)
-    outputs = {"model": arts.weights, "config": arts.config, "metrics": arts.metrics,
-               "predictions": arts.predictions, "embeddings": arts.embeddings, "attributions": arts.attributions,
-               "roc": arts.roc_png, "calibration": arts.calibration_png}
+    outputs = arts.outputs()
     from oncofm.config import check_stage
 
     if _outputs_done(arts) and check_stage(settings, settings_file, [], ignore=("redo", "progress"), on_change="redo",

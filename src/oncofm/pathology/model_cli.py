@@ -9,17 +9,9 @@ import typer
 
 def _yaml_mapping(path: Path) -> dict:
     """The settings mapping of a YAML file (``_meta`` dropped), as ``StageSettings.from_yaml`` reads it."""
-    import yaml
+    from oncofm.config import read_settings_mapping
 
-    from oncofm.errors import OncoFMError
-
-    if not path.exists():
-        raise OncoFMError(f"settings file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise OncoFMError(f"{path}: expected a mapping of setting: value, got {type(data).__name__}")
-    data.pop("_meta", None)
-    return data
+    return read_settings_mapping(path)
 
 
 def register(app: typer.Typer, train_app: typer.Typer) -> None:

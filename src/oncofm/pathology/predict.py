@@ -31,6 +31,7 @@ import pandas as pd
 from oncofm.cohort.patient import PatientInput
 from oncofm.errors import OncoFMError
 from oncofm.io import model_version
+from oncofm.pathology.artifacts import SlideArtifacts
 from oncofm.pathology.slide_model import SlideResult, predict_slides
 from oncofm.paths import RunLayout
 
@@ -157,7 +158,7 @@ class SlidePredictor:
     @classmethod
     def from_run(cls, layout: RunLayout) -> SlidePredictor | None:
         """The run's trained slide model, or ``None`` when the run has none (the caller notes it)."""
-        if not (layout.model_dir("slide") / "model.safetensors").exists():
+        if not SlideArtifacts.of(layout.root).weights.exists():
             return None
         return cls.load(layout.root)
 
@@ -165,10 +166,10 @@ class SlidePredictor:
     def load(cls, run: str | Path) -> SlidePredictor:
         from oncofm.pathology.slide_train import load_slide_model
 
-        layout = RunLayout(run)
-        layout.require(layout.model_dir("slide") / "model.safetensors", TRAIN_HINT)
+        layout, arts = RunLayout(run), SlideArtifacts.of(run)
+        layout.require(arts.weights, TRAIN_HINT)
         model, settings = load_slide_model(run)
-        return cls(model, settings, geometry=tiling_geometry(layout), version=model_version(layout.model_dir("slide")))
+        return cls(model, settings, geometry=tiling_geometry(layout), version=model_version(arts.dir))
 
     # ------------------------------------------------------------------ the model
     def predict_features(self, bags: Sequence[np.ndarray]) -> list[SlideResult]:
@@ -267,19 +268,18 @@ def stored_slide_results(layout: RunLayout) -> dict[str, tuple[SlideResult, str]
     """
     from oncofm.pathology.reader import slide_stem
 
-    out_dir = layout.model_dir("slide")
-    pred_file = out_dir / "predictions.parquet"
-    if not pred_file.exists():
+    arts = SlideArtifacts.of(layout.root)
+    if not arts.predictions.exists():
         return {}
-    preds = pd.read_parquet(pred_file)
-    emb = pd.read_parquet(out_dir / "embeddings.parquet") if (out_dir / "embeddings.parquet").exists() else None
+    preds = pd.read_parquet(arts.predictions)
+    emb = pd.read_parquet(arts.embeddings) if arts.embeddings.exists() else None
     if emb is not None and "patient_id" in emb.columns:
         emb = emb.set_index("patient_id")
-    version = model_version(out_dir)
+    version = model_version(arts.dir)
     results: dict[str, tuple[SlideResult, str]] = {}
     for pid, rows in preds.groupby("patient_id", sort=False):
         stem = slide_stem(str(rows["slide_id"].iloc[0])) if "slide_id" in rows else str(pid)
-        att_file = out_dir / "attention" / f"{stem}.parquet"
+        att_file = arts.attention(stem)
         attention = (pd.read_parquet(att_file)["attention"].to_numpy(np.float64) if att_file.exists()
                      else np.zeros(0))
         embedding = (emb.loc[str(pid)].to_numpy(np.float32) if emb is not None and str(pid) in emb.index

@@ -193,6 +193,7 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
     from safetensors.torch import save_file
 
     from oncofm.io import write_json, write_parquet
+    from oncofm.pathology.artifacts import SlideArtifacts
     from oncofm.pathology.slide_model import (
         FeatureBagDataset,
         PatchBagDataset,
@@ -207,10 +208,8 @@ def train_slide_model(settings: SlideTrainSettings, progress: bool = True) -> di
     from oncofm.training import fit
 
     layout = RunLayout(settings.run)
-    out = layout.model_dir("slide")
-    paths = {"weights": out / "model.safetensors", "config": out / "config.yaml", "metrics": out / "metrics.json",
-             "predictions": out / "predictions.parquet", "embeddings": out / "embeddings.parquet",
-             "attention": out / "attention"}
+    arts = SlideArtifacts.of(settings.run)
+    out, paths = arts.dir, arts.outputs()
     from oncofm.config import check_stage
 
     if check_stage(settings, paths["config"], [paths["metrics"]], on_change="redo", what=f"the slide model in {out}"):
