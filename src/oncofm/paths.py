@@ -59,6 +59,10 @@ class RunLayout:
         return self.cohort_dir / "slides.parquet"
 
     @property
+    def slide_features(self) -> Path:
+        return self.cohort_dir / "slide_features.parquet"  # + slide_features.json (oncofm.cohort.slide_features)
+
+    @property
     def downloads_dir(self) -> Path:
         """Raw downloads (e.g. GDC files) kept for resuming; outside cohort/ so a failed import leaves none there."""
         return self.root / "downloads"

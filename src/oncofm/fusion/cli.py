@@ -66,13 +66,16 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         threads: int = typer.Option(0, help="torch CPU threads (0 = default)."),
         max_new_tokens: int = typer.Option(200, help="Generation limit (targets are up to ~180 SmolLM2 tokens)."),
         readout: str = typer.Option("marginal", help="Prediction-line read-out: marginal | verdict (docs/fusion.md)."),
+        decoding: str = typer.Option("structured", help="structured (the LLM chooses each sentence of the "
+                                     "grammar and the verdict) | free (token-by-token greedy)."),
     ) -> None:
-        """Generate explanations for a split and score parse rate, AUC, faithfulness, perplexity."""
+        """Generate explanations for a split; score parse rate, AUC, the checker, faithfulness, perplexity."""
         from oncofm.fusion.evaluate import FusionEvaluateSettings, evaluate_fusion, format_metrics
 
         metrics = evaluate_fusion(FusionEvaluateSettings.build(run=str(run), split=split,
                                                          max_eval_patients=max_eval_patients, threads=threads,
-                                                         max_new_tokens=max_new_tokens, readout=readout))
+                                                         max_new_tokens=max_new_tokens, readout=readout,
+                                                         decoding=decoding))
         for line in format_metrics(metrics):
             typer.echo(line)
 

@@ -259,8 +259,8 @@ def format_metrics(m: dict[str, Any]) -> list[str]:
         *([format_check(m["check"])] if "check" in m else []),
         f"perplexity under base LLM: generated {m['perplexity_base_generated']:.2f} | reference targets "
         f"{m['perplexity_base_reference']:.2f}",
-        f"seconds per explanation: {m['seconds_per_explanation_batched']:.2f} batched | "
+        f"seconds per explanation: {m['seconds_per_explanation_batched']:.2f} in the evaluation | "
         f"{m['seconds_one_explanation']:.2f} alone, median of {m.get('n_timed_alone', 1)} "
         f"(max {m.get('seconds_one_explanation_max', m['seconds_one_explanation']):.2f}; the product path: fp32, "
-        "LoRA merged, lookup drafts)",
+        f"LoRA merged, {m.get('decoding', 'free')} decoding)",
     ]
