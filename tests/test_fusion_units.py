@@ -233,3 +233,19 @@ def test_attention_words_compare_with_uniform_attention_and_findings_need_a_refe
     ev = build_evidence("KIRC", None, None, SlideResult(0.2, 0.0, np.zeros(1), peaked, "t"), None,
                         EvidenceSettings()).to_dict()
     assert "concentrated" in render_target(ev, death=False, risk=0.2)
+
+
+def test_a_slide_with_few_patches_names_its_one_most_attended_patch() -> None:
+    import numpy as np
+
+    from oncofm.fusion.checker import check_explanation
+    from oncofm.fusion.evidence import EvidenceSettings, build_evidence
+    from oncofm.fusion.templates import render_target
+    from oncofm.pathology.predict import SlideResult
+
+    few = SlideResult(prob=0.2, logit=0.0, embedding=np.zeros(1), attention=np.full(4, 0.25), version="t")
+    ev = build_evidence("KIRC", None, None, few, None, EvidenceSettings()).to_dict()
+    for seed in range(4):
+        text = render_target(ev, death=False, risk=0.2, seed=seed)
+        assert "of the 4 patches holds 0.25" in text or "most attended of the 4 patches holds 0.25" in text
+        assert "top 10%" not in text and check_explanation(text, ev, set()).passed, text

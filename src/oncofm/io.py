@@ -101,3 +101,22 @@ def model_version(model_dir: str | Path) -> str:
         else:
             h.update(str(p.stat().st_size).encode())
     return f"{model_dir.name}@{h.hexdigest()[:12]}" if files else f"{model_dir.name}@unversioned"
+
+
+def open_h5(path: str | Path) -> Any:
+    """An HDF5 file opened read-only, or an :class:`~oncofm.errors.OncoFMError` saying it is not readable."""
+    import h5py
+
+    from oncofm.errors import OncoFMError
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise OncoFMError(f"{path}: not a readable HDF5 file ({exc})") from None
+
+
+def first_dataset(handle: Any, keys: tuple[str, ...] | list[str]) -> str | None:
+    """The first of ``keys`` that names a dataset in the open HDF5 ``handle`` (None when none does)."""
+    import h5py
+
+    return next((k for k in keys if k in handle and isinstance(handle[k], h5py.Dataset)), None)

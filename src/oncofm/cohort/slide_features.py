@@ -65,6 +65,7 @@ from pydantic import Field
 
 from oncofm.config import StageSettings, artifact_version, check_stage, write_stamp
 from oncofm.errors import DataValidationError, OncoFMError
+from oncofm.io import first_dataset, open_h5
 from oncofm.paths import RunLayout
 
 log = logging.getLogger(__name__)
@@ -298,19 +299,15 @@ def _source_files(source: str | list[str]) -> tuple[str, list[Path]]:
 
 def _read_h5_embeddings(files: list[Path]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A table ``slide`` + features from per-slide embedding files (validated: layout, width, encoder)."""
-    import h5py
 
     vectors: list[np.ndarray] = []
     names: list[str] = []
     encoders: dict[str, list[str]] = {}
     widths: dict[int, list[str]] = {}
     for path in files:
-        try:
-            handle = h5py.File(path, "r")
-        except OSError as exc:
-            raise OncoFMError(f"{path}: not a readable HDF5 file ({exc})") from None
+        handle = open_h5(path)
         with handle as f:
-            key = next((k for k in H5_FEATURE_KEYS if k in f and isinstance(f[k], h5py.Dataset)), None)
+            key = first_dataset(f, H5_FEATURE_KEYS)
             if key is None:
                 raise DataValidationError(f"no slide-embedding dataset: expected {' or '.join(map(repr, H5_FEATURE_KEYS))}"
                                           f" of shape (D,) or (1, D); the file holds {sorted(f.keys())}", file=str(path))

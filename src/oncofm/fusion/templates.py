@@ -49,6 +49,10 @@ _ATTN = (
     "The top {f:.0%} of patches hold {s:.2f} of the attention ({how}).",
     "Attention is {how}: {s:.2f} of it falls on the top {f:.0%} of patches.",
 )
+_ATTN_ONE = (
+    "The single most attended of the {n} patches holds {s:.2f} of the attention ({how}).",
+    "Attention is {how}: the most attended of the {n} patches holds {s:.2f} of it.",
+)
 _MORPH = (
     "The most attended patches show {name} at {ratio:.2f} times the slide average.",
     "In the most attended regions, {name} is {ratio:.2f} x the slide average.",
@@ -117,7 +121,10 @@ def slot_options(ev: dict) -> list[tuple[str, ...]]:
     if img and img.get("top_share") is not None:
         f = img["top_fraction"]
         how = "concentrated" if img["top_share"] >= 2 * uniform_share(img["n_patches"], f) else "spread out"
-        slots.append(tuple(t.format(f=f, s=img["top_share"], how=how) for t in _ATTN))
+        # "the top 10%" of a slide with few patches is one patch: say so
+        one = max(1, int(round(f * img["n_patches"]))) == 1
+        slots.append(tuple(t.format(f=f, s=img["top_share"], how=how, n=img["n_patches"])
+                           for t in (_ATTN_ONE if one else _ATTN)))
         for finding in img.get("findings", [])[:2]:
             slots.append(tuple(t.format(name=finding["name"], ratio=finding["ratio"]) for t in _MORPH))
     for m in ev.get("missing", []):

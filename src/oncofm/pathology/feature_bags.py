@@ -60,6 +60,7 @@ from pydantic import Field, field_validator
 
 from oncofm.config import StageSettings, artifact_version, check_stage, write_stamp
 from oncofm.errors import DataValidationError, OncoFMError
+from oncofm.io import first_dataset, open_h5
 from oncofm.pathology.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, PatchEncoder
 
 log = logging.getLogger(__name__)
@@ -220,12 +221,9 @@ def read_feature_bag(path: str | Path, *, patch_size_level0: int | None = None,
     file = str(path)
     if not path.is_file():
         raise OncoFMError(f"feature bag {path} does not exist")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise OncoFMError(f"{path}: not a readable HDF5 file ({exc})") from None
+    handle = open_h5(path)
     with handle as f:
-        key = next((k for k in FEATURE_KEYS if k in f and isinstance(f[k], h5py.Dataset)), None)
+        key = first_dataset(f, FEATURE_KEYS)
         if key is None:
             raise DataValidationError(f"no patch-feature dataset: expected 'features' (CLAM, TRIDENT) or 'feats' "
                                       f"(STAMP) of shape (N, D); the file holds {sorted(f.keys())}", file=file)
