@@ -149,6 +149,7 @@ for name, gather in (("gathered", True), ("local", False)):
     out[name] = model.module.weight.grad.flatten().tolist()
 if rank == 0:
     json.dump(out, open(sys.argv[1], "w"))
+dist.barrier()
 dist.destroy_process_group()
 '''
 

@@ -91,10 +91,56 @@ def all_gather_with_grad(x: Any) -> Any:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    import torch
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(x.contiguous())  # (B_global, ...)
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)  # (B_global, ...)
+
+def _gather_function() -> Any:
+    """The autograd function behind :func:`all_gather_with_grad` (built lazily: torch is imported late).
+
+    Forward: ``dist.all_gather`` of every process's items (sizes may differ; they are exchanged first).
+    Backward: the gradient of the whole gathered batch is summed over processes with ``all_reduce`` and each
+    process keeps its own rows. Both collectives are ones gloo supports, and neither goes through the
+    deprecated ``torch.distributed.nn.functional`` path, whose backward thread aborted a CPU process at exit.
+    """
+    import torch
+    import torch.distributed as dist
+
+    class GatherWithGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            world = dist.get_world_size()
+            size = torch.tensor([x.shape[0]], dtype=torch.long)
+            sizes = [torch.zeros_like(size) for _ in range(world)]
+            dist.all_gather(sizes, size)
+            counts = [int(s) for s in sizes]
+            longest = max(counts)
+            padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype)
+            padded[: x.shape[0]] = x
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            rank = dist.get_rank()
+            ctx.start, ctx.stop = sum(counts[:rank]), sum(counts[: rank + 1])
+            return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)], dim=0)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad)  # every process's gradient for every item, summed
+            return grad[ctx.start: ctx.stop]
+
+    return GatherWithGrad
+
+
+class _LazyGather:
+    _fn: Any = None
+
+    def apply(self, x: Any) -> Any:
+        if _LazyGather._fn is None:
+            _LazyGather._fn = _gather_function()
+        return _LazyGather._fn.apply(x)
+
+
+_GatherWithGrad = _LazyGather()
 
 
 # ----------------------------------------------------------------------------------------------------------
