@@ -9,10 +9,13 @@ from oncofm.errors import OncoFMError
 from oncofm.pathology.encoders import create_encoder, list_encoders
 
 LARGE = {"swin-small", "swin-base"}  # 50-90 M parameters: built in the slow run only
+#: encoders that cannot be built bare: swin-hf takes its geometry from a weights folder, external stands in
+#: for another tool's features and refuses pixels (both in tests/test_encoder_weights.py)
+NEEDS_INPUT = {"swin-hf", "external"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n
-                                  for n in list_encoders()])
+                                  for n in list_encoders() if n not in NEEDS_INPUT])
 def test_every_registered_encoder_builds_and_encodes(name: str) -> None:
     torch.manual_seed(0)
     enc = create_encoder(name).eval()
@@ -60,7 +63,7 @@ def test_swin_loads_local_weights(tmp_path) -> None:
         b = create_encoder("swin-cpu", weights=weights).eval()
         with torch.no_grad():
             torch.testing.assert_close(a(x), b(x))
-    with pytest.raises(OncoFMError, match="preset"):
+    with pytest.raises(OncoFMError, match="do not fit the swin-tiny encoder .*missing keys.*other shapes"):
         create_encoder("swin-tiny", weights=tmp_path / "w.safetensors")
 
 

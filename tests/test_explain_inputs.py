@@ -102,9 +102,9 @@ def test_new_patient_expression_only_report(tmp_path):
     assert set(paths) == {"report", "explanation"}
     rec = json.loads((out / "explanation.json").read_text())
     assert rec["cancer_type"] == "KIRC" and rec["input"]["expression_genes"] == {"present": 1526, "model": 1526}
-    assert any("no slide was given" in n for n in rec["notes"])
+    assert any("no slide image was given" in n for n in rec["notes"])
     html = (out / "report.html").read_text()
-    assert "Research use only" in html and "no slide was given" in html
+    assert "Research use only" in html and "no slide image was given" in html
 
 
 def test_unseen_cancer_type_is_explained_with_a_visible_warning(tmp_path):

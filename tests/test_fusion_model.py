@@ -143,9 +143,10 @@ def test_reasoning_dataset_on_real_cohort(fusion_run: Path) -> None:
         assert len(lines) == 1 and r["target"].rstrip().endswith(lines[0])
         p = parse_prediction(r["target"])
         assert p is not None and p.death == bool(r["label"]) and p.risk == pytest.approx(r["risk"], abs=0.006)
-    # training risks are out-of-fold, every other split uses the fitted head
-    assert {r["risk_source"] for r in records if r["split"] == "train" and r["label"] is not None} == {"fused_head_oof"}
-    assert {r["risk_source"] for r in records if r["split"] == "test"} == {"fused_head"}
+    # the stacked head is fitted on validation: validation risks are out-of-fold, every other split uses the fit
+    assert {r["risk_source"] for r in records if r["split"] == "val" and r["label"] is not None} == {
+        "stacked_head_oof"}
+    assert {r["risk_source"] for r in records if r["split"] in ("train", "test")} == {"stacked_head"}
     # the planted signal (e0 carries the label) is found by the fused head on the test split
     head = pd.read_parquet(fusion_run / "reasoning" / "fused_head.parquet")
     t = head[(head["split"] == "test") & head["label"].notna()]

@@ -40,7 +40,8 @@ FILE_FIELDS = ("file_id", "file_name", "md5sum", "file_size", "cases.submitter_i
                "cases.samples.submitter_id", "cases.samples.sample_type")
 CASE_FIELDS = ("case_id", "submitter_id", "project.project_id", "primary_site", "disease_type",
                "demographic.vital_status", "demographic.days_to_death", "demographic.gender",
-               "demographic.age_at_index", "diagnoses.days_to_last_follow_up", "diagnoses.age_at_diagnosis")
+               "demographic.age_at_index", "diagnoses.days_to_last_follow_up", "diagnoses.age_at_diagnosis",
+               "diagnoses.ajcc_pathologic_stage", "diagnoses.tumor_grade")
 
 
 class GDCSettings(StageSettings):
@@ -242,6 +243,9 @@ def _case_row(hit: dict[str, Any]) -> dict[str, Any]:
     diagnoses = hit.get("diagnoses") or []
     follow = [d.get("days_to_last_follow_up") for d in diagnoses if d.get("days_to_last_follow_up") is not None]
     age_days = [d.get("age_at_diagnosis") for d in diagnoses if d.get("age_at_diagnosis") is not None]
+    # stage/grade: the first diagnosis that records one (mapped later by oncofm.cohort.clinical)
+    stage = next((d.get("ajcc_pathologic_stage") for d in diagnoses if d.get("ajcc_pathologic_stage")), None)
+    grade = next((d.get("tumor_grade") for d in diagnoses if d.get("tumor_grade")), None)
     age = demo.get("age_at_index")
     if age is None and age_days:
         age = min(age_days) / 365.25
@@ -250,7 +254,7 @@ def _case_row(hit: dict[str, Any]) -> dict[str, Any]:
             "disease_type": hit.get("disease_type"), "vital_status": demo.get("vital_status"),
             "days_to_death": demo.get("days_to_death"),
             "days_to_last_follow_up": max(follow) if follow else None,
-            "age": age, "gender": demo.get("gender")}
+            "age": age, "gender": demo.get("gender"), "stage": stage, "grade": grade}
 
 
 def read_star_counts(path: str | Path, value: str = "tpm_unstranded",

@@ -33,6 +33,9 @@ class ImportSettings(StageSettings):
     run: str
     clinical: str | None = Field(None, description="clinical table (firehose: TCGA-CDR; generic: any)")
     include_multiomics: bool = True
+    covariates: bool = Field(True, description="import stage, grade and histology (oncofm.cohort.clinical); "
+                             "tcga13 reads them from the TCGA-CDR table: --clinical, else ../tcga_cdr/"
+                             "tcga_cdr_clinical.csv beside --source when it exists")
     log_transform: str = Field("auto", pattern="^(auto|yes|no)$",
                                description="log2(x+1) raw counts-like values: auto detects them")
     options: dict[str, Any] = Field(default_factory=dict, description="format-specific options")
@@ -87,6 +90,10 @@ def import_cohort(settings: ImportSettings) -> dict[str, Path]:
         if m is not None and m.shape[1] > 0:
             extra[name] = validate_matrix(m, file=_file(cohort, settings.source, name), kind=name)
     soft = soft_problems(patients, expression)
+    if any(c in patients for c in Col.COVARIATES):
+        from oncofm.cohort.clinical import covariate_note
+
+        cohort.notes.append(covariate_note(patients))
     # everything validated: now write
     paths = {"patients": write_parquet(patients, layout.patients, index=False),
              "expression": write_parquet(expression, layout.expression)}

@@ -24,3 +24,12 @@ class PatientInput:
     age: float | None = None
     sex: str | None = None  # "female" / "male" / None
     notes: list[str] = field(default_factory=list)
+    #: slide-level image features (feature name -> raw value), for the slide-feature model; None = none
+    slide_features: pd.Series | None = None
+    # optional further inputs (each None = not given): gene -> copy-number level (tcga13: -2..2); gene -> 0/1
+    # mutation status, or a list of mutated genes (the model's other mutation features then count as wild-type);
+    # AJCC stage and grade as 1-4 or text ("Stage IIIA", "G3": oncofm.cohort.clinical)
+    cnv: pd.Series | None = None
+    mutation: pd.Series | list[str] | None = None
+    stage: float | str | None = None
+    grade: float | str | None = None

@@ -35,10 +35,15 @@ class Col:
     PFI_DAYS, PFI_EVENT = "pfi_days", "pfi_event"
     DFI_DAYS, DFI_EVENT = "dfi_days", "dfi_event"
     SOURCE = "source"
+    # optional clinical covariates (oncofm.cohort.clinical): ordinal 1-4, NaN = unknown; histology as text
+    STAGE = "stage"
+    GRADE = "grade"
+    HISTOLOGY = "histology"
 
     REQUIRED = (PATIENT, CANCER, OS_DAYS, OS_EVENT)
     ORDER = (PATIENT, CANCER, AGE, SEX, OS_DAYS, OS_EVENT, DSS_DAYS, DSS_EVENT, PFI_DAYS, PFI_EVENT,
-             DFI_DAYS, DFI_EVENT, SOURCE)
+             DFI_DAYS, DFI_EVENT, SOURCE, STAGE, GRADE, HISTOLOGY)
+    COVARIATES = (STAGE, GRADE)
 
 
 SPLIT_COL = "split"
@@ -83,6 +88,15 @@ def validate_patients(df: pd.DataFrame, file: str = "patients") -> pd.DataFrame:
     out[Col.OS_EVENT] = ev.astype(int)
     if Col.AGE in out:
         out[Col.AGE] = pd.to_numeric(out[Col.AGE], errors="coerce").astype(float)
+    for col in Col.COVARIATES:
+        if col in out:
+            v = pd.to_numeric(out[col], errors="coerce").astype(float)
+            bad = v.notna() & ~v.isin([1.0, 2.0, 3.0, 4.0])
+            if bad.any():
+                raise DataValidationError(f"{col} must be 1-4 or missing (map text with oncofm.cohort.clinical)",
+                                          file=file, column=col,
+                                          rows=[f"{p}={x}" for p, x in zip(pid[bad], out[col][bad], strict=True)])
+            out[col] = v
     cols = [c for c in Col.ORDER if c in out.columns] + [c for c in out.columns if c not in Col.ORDER]
     return out[cols].reset_index(drop=True)
 

@@ -23,6 +23,10 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         sex: str | None = typer.Option(None, "--sex", help="female | male, for a new patient."),
         slide: Path | None = typer.Option(None, "--slide", help="H&E slide or image (SVS, TIFF, NDPI, MRXS, "
                                           "DICOM, JPEG, PNG...)."),
+        slide_features: Path | None = typer.Option(None, "--slide-features", help="Slide-level image features of a "
+                                                   "new patient (CSV/TSV/parquet: feature,value rows or one row "
+                                                   "of feature columns, e.g. a row of the hif2gene table), for "
+                                                   "the slide-feature model."),
         mpp: float | None = typer.Option(None, "--mpp", help="Microns per pixel, for images that do not "
                                          "store it (0.25 = 40x, 0.5 = 20x)."),
         top_genes: int = typer.Option(15, help="Genes shown in the contribution chart."),
@@ -31,8 +35,8 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
     ) -> None:
         """Explain one patient: predicted 5-year outcome, generated reasoning, attention heatmap.
 
-        Give a patient of the run (--patient-id) or a new patient (--expression and/or --slide with
-        --cancer-type). Writes OUT/report.html (one self-contained file), OUT/explanation.json and
+        Give a patient of the run (--patient-id) or a new patient (--expression, --slide and/or
+        --slide-features with --cancer-type). Writes OUT/report.html (one self-contained file), OUT/explanation.json and
         OUT/heatmap.png. A missing modality or model becomes a note in the report; bad input stops
         with a message and writes nothing. Research use only, not for clinical decisions.
         """
@@ -42,6 +46,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
             run=str(run), out=str(out), patient_id=patient_id,
             expression=None if expression is None else str(expression), cancer_type=cancer_type, age=age, sex=sex,
             slide=None if slide is None else str(slide), mpp=mpp, top_genes=top_genes,
+            slide_features=None if slide_features is None else str(slide_features),
             top_patches=top_patches, min_gene_fraction=min_gene_fraction)
         paths = explain_patient(settings)
         for name, path in paths.items():

@@ -107,7 +107,39 @@ def read_expression_file(path: str | Path) -> pd.Series:
     return series
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_slide_features_file(path: str | Path) -> pd.Series:
+    """Read one patient's slide-level image features: ``feature, value`` rows, or one row with a column per
+    feature (e.g. that patient's row of the hif2gene table; metadata columns such as ``patient_id``,
+    ``cancer_type``, ``slide_key`` are left out). Empty values are missing; text or infinite values are an
+    error. The feature set is checked against the model's when it runs."""
+    from oncofm.cohort.slide_features import METADATA_COLUMNS
+
+    path = Path(path)
+    if not path.is_file():
+        raise OncoFMError(f"slide-feature file {path} does not exist")
+    df = _read_table(path, what="slide-feature")
+    if df.shape[1] == 2 and not _is_numeric(df.iloc[:, 0]):
+        raw = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).str.strip())
+    else:
+        if df.shape[0] != 1:
+            raise OncoFMError(f"{path}: {df.shape[0]} rows; give one patient: feature,value rows or one row with a "
+                              "column per feature")
+        raw = df.iloc[0]
+        raw = raw[[c for c in raw.index if str(c).strip().lower() not in METADATA_COLUMNS]]
+        raw.index = raw.index.astype(str).str.strip()
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = [str(k) for k, v in raw.items() if pd.isna(values[k]) and not (pd.isna(v) or str(v).strip() == "")]
+    if bad:
+        raise OncoFMError(f"{path}: {len(bad)} slide features are not numbers (e.g. {bad[:3]}); give numbers, or "
+                          "leave a value empty when it is missing")
+    if np.isinf(values.to_numpy(dtype=float)).any():
+        raise OncoFMError(f"{path}: infinite slide-feature values; give finite numbers or leave them empty")
+    if raw.index.duplicated().any():
+        raise OncoFMError(f"{path}: feature {raw.index[raw.index.duplicated()][0]!r} is given twice")
+    return values.astype(float).rename("slide_features")
+
+
+def _read_table(path: Path, what: str = "expression") -> pd.DataFrame:
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
@@ -118,7 +150,7 @@ def _read_table(path: Path) -> pd.DataFrame:
             df = pd.read_csv(path, sep="\t")
         return df
     except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise OncoFMError(f"cannot read expression file {path}: {exc}. Expected CSV, TSV or parquet.") from None
+        raise OncoFMError(f"cannot read {what} file {path}: {exc}. Expected CSV, TSV or parquet.") from None
 
 
 def _is_numeric(col: pd.Series) -> bool:
@@ -143,12 +175,19 @@ def cohort_patient(layout: RunLayout, patient_id: str) -> PatientInput:
         sp = pd.read_parquet(layout.splits).set_index(Col.PATIENT)
         split = str(sp.loc[patient_id, "split"]) if patient_id in sp.index else None
     slide, mpp = cohort_slide_path(layout, patient_id)
+    features = None
+    if layout.slide_features.exists():
+        from oncofm.cohort.slide_features import slide_feature_names
+
+        table = pd.read_parquet(layout.slide_features)
+        if patient_id in table.index:
+            features = table.loc[patient_id, slide_feature_names(table)].astype(float)
     age = patients.loc[patient_id].get(Col.AGE)
     sex = patients.loc[patient_id].get(Col.SEX)
     return PatientInput(patient_id=patient_id, cancer_type=cancer, expression=expression,
                         slide=slide, mpp=mpp, source="cohort", split=split,
                         age=float(age) if age is not None and pd.notna(age) else None,
-                        sex=str(sex) if sex is not None and pd.notna(sex) else None)
+                        sex=str(sex) if sex is not None and pd.notna(sex) else None, slide_features=features)
 
 
 def cohort_slide_path(layout: RunLayout, patient_id: str) -> tuple[Path | None, float | None]:
@@ -193,12 +232,15 @@ def _check_sex(sex: str | None) -> str | None:
 
 def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: str | Path | None,
                     cancer_type: str | None, slide: str | Path | None, mpp: float | None,
-                    age: float | None = None, sex: str | None = None) -> PatientInput:
+                    age: float | None = None, sex: str | None = None,
+                    slide_features: str | Path | None = None) -> PatientInput:
     """Turn the command-line choices into one :class:`PatientInput`, validating each."""
-    if patient_id and expression:
-        raise OncoFMError("give either --patient-id (a patient of the run) or --expression FILE, not both")
-    if not patient_id and not expression and not slide:
-        raise OncoFMError("nothing to explain: give --patient-id, or --expression FILE and/or --slide FILE")
+    if patient_id and (expression or slide_features):
+        raise OncoFMError("give either --patient-id (a patient of the run) or a new patient's files "
+                          "(--expression / --slide / --slide-features), not both")
+    if not patient_id and not expression and not slide and not slide_features:
+        raise OncoFMError("nothing to explain: give --patient-id, or --expression FILE, --slide FILE and/or "
+                          "--slide-features FILE")
     if mpp is not None and not (0.01 <= mpp <= 100):
         raise OncoFMError(f"--mpp {mpp} is not a plausible microns-per-pixel value (0.01–100; 0.25 = 40x, 0.5 = 20x)")
     if patient_id:
@@ -210,13 +252,15 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
                                   f"({patient.cancer_type}); leave it out")
     else:
         if not cancer_type:
-            raise OncoFMError("--cancer-type is required with --expression/--slide (one of "
+            raise OncoFMError("--cancer-type is required with --expression/--slide/--slide-features (one of "
                               f"{', '.join(known_cancer_types(layout))})")
         patient = PatientInput(patient_id="new-patient", cancer_type=cancer_type, expression=None,
                                slide=None, mpp=None, source="upload", age=age, sex=_check_sex(sex))
         if expression:
             patient.expression = read_expression_file(expression)
             patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
+        if slide_features:
+            patient.slide_features = read_slide_features_file(slide_features)
     patient.cancer_type, seen = resolve_cancer_type(patient.cancer_type, layout, check_format=not patient_id)
     if not seen:
         note = unseen_cancer_type_note(patient.cancer_type, known_cancer_types(layout))

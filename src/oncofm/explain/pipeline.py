@@ -40,6 +40,7 @@ from oncofm.fusion.predict import FusionPredictor, FusionResult
 from oncofm.fusion.templates import evidence_summary
 from oncofm.io import write_json
 from oncofm.omics.predict import OmicsPredictor, OmicsResult
+from oncofm.pathology.feature_model import SlideFeaturePredictor, SlideFeatureResult
 from oncofm.pathology.predict import (
     PatchFinding,
     PatchSummary,
@@ -71,6 +72,8 @@ class ExplainSettings(StageSettings):
     age: float | None = Field(None, ge=0, le=120, description="age at diagnosis of a new patient (years)")
     sex: str | None = Field(None, description="female / male, for a new patient")
     slide: str | None = None
+    slide_features: str | None = Field(None, description="slide-level image features of a new patient (CSV/TSV/"
+                                       "parquet: feature,value rows or one row of feature columns)")
     mpp: float | None = Field(None, description="microns per pixel, for slides that do not store it")
     min_gene_fraction: float = Field(0.5, gt=0, le=1, description="share of the model's genes required")
     top_genes: int = Field(15, ge=1, le=100, description="genes shown in the contribution chart")
@@ -94,9 +97,16 @@ class SlideModel(Protocol):
     def predict_tiles(self, tiled: TiledSlide) -> SlideResult: ...
 
 
+class SlideFeatureModel(Protocol):
+    version: str
+
+    def predict(self, features: Any, cancer_type: str) -> SlideFeatureResult: ...
+
+
 class FusionModel(Protocol):
     version: str
     evidence_settings: EvidenceSettings
+    slide_branch: str
 
     def predict(self, evidence: Evidence, omics: OmicsResult | None, slide: SlideResult | None,
                 patient_id: str = "patient") -> FusionResult: ...
@@ -109,11 +119,13 @@ class Predictors:
     omics: OmicsModel | None
     slide: SlideModel | None
     fusion: FusionModel | None
+    slide_features: SlideFeatureModel | None = None
 
     @classmethod
     def from_run(cls, layout: RunLayout, *, min_gene_fraction: float = 0.5) -> Predictors:
         return cls(omics=OmicsPredictor.from_run(layout, min_gene_fraction=min_gene_fraction),
-                   slide=SlidePredictor.from_run(layout), fusion=FusionPredictor.from_run(layout))
+                   slide=SlidePredictor.from_run(layout), fusion=FusionPredictor.from_run(layout),
+                   slide_features=SlideFeaturePredictor.from_run(layout))
 
 
 @dataclass
@@ -144,6 +156,8 @@ class Explanation:
     omics: OmicsResult | None = None
     tiled: TiledSlide | None = None
     slide: SlideResult | None = None
+    slide_features: SlideFeatureResult | None = None  # the slide-feature model (slide-level image features)
+    fusion_branch: str | None = None  # the slide branch the run's fusion model was trained on (None: no model)
     patch_summary: PatchSummary | None = None
     evidence: Evidence | None = None
     fusion: FusionResult | None = None
@@ -161,7 +175,8 @@ class Explanation:
         unimodal models'; all None when no model ran."""
         if self.fusion is not None and self.fusion.risk is not None and self.text_passed:
             return self.fusion.prediction, self.fusion.risk, "fusion LLM"
-        for name, res in (("omics model", self.omics), ("slide model", self.slide)):
+        for name, res in (("omics model", self.omics), ("slide model", self.slide),
+                          ("slide-feature model", self.slide_features)):
             if res is not None:
                 outcome = "death within 5 years" if res.prob >= 0.5 else "alive at 5 years"
                 return outcome, res.prob, name
@@ -174,7 +189,17 @@ class Explanation:
 
     def model_versions(self) -> dict[str, str]:
         return {name: res.version for name, res in (("omics", self.omics), ("slide", self.slide),
+                                                       ("slide_features", self.slide_features),
                                                        ("fusion", self.fusion)) if res is not None}
+
+    @property
+    def slide_for_fusion(self) -> SlideResult | SlideFeatureResult | None:
+        """The slide branch's result that enters the evidence and the fusion model: the one the fusion model
+        was trained on (``slide_branch``); without a fusion model, the MIL result, else the feature result."""
+        branch = self.fusion_branch
+        if branch == "features" or (branch is None and self.slide is None):
+            return self.slide_features
+        return self.slide
 
 
 def evidence_settings(layout: RunLayout, fusion: FusionModel | None) -> EvidenceSettings:
@@ -197,6 +222,28 @@ def gene_vocabulary(layout: RunLayout, evidence: Evidence) -> set[str]:
     return vocab
 
 
+def _slide_feature_step(ex: Explanation, models: Predictors, layout: RunLayout) -> str | None:
+    """Run the slide-feature model when the patient has slide-level features; note which slide result the
+    fusion model takes. Returns the fusion model's slide branch (None: no fusion model)."""
+    patient, step = ex.patient, ex.log
+    if patient.slide_features is not None:
+        if models.slide_features is None:
+            step.note(f"slide-level image features were given but the run has no slide-feature model "
+                      f"({layout.model_dir('slide_features')}): run `oncofm train slide-features`")
+        else:
+            ex.slide_features = step.timed("slide_feature_model", models.slide_features.predict,
+                                           patient.slide_features, patient.cancer_type)
+    fusion_branch = getattr(models.fusion, "slide_branch", None) if models.fusion is not None else None
+    if fusion_branch == "features" and ex.slide is not None and ex.slide_features is None:
+        step.note("the fusion model was trained on slide-level image features, not on patches: the slide "
+                  "model's result is shown but does not enter the generated explanation")
+    if fusion_branch == "mil" and ex.slide_features is not None:
+        step.note("the fusion model was trained on the patch-level slide model: the slide-feature model's result "
+                  "is shown but does not enter the generated explanation")
+
+    return fusion_branch
+
+
 def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | None = None,
           progress: Callable[[str, float], None] | None = None) -> Explanation:
     """Run the predictors for the patient in ``settings`` (no report written)."""
@@ -205,7 +252,7 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
         raise OncoFMError(f"run directory {layout.root} does not exist (run `oncofm demo` or the pipeline first)")
     patient = resolve_patient(layout, patient_id=settings.patient_id, expression=settings.expression,
                               cancer_type=settings.cancer_type, slide=settings.slide, mpp=settings.mpp,
-                              age=settings.age, sex=settings.sex)
+                              age=settings.age, sex=settings.sex, slide_features=settings.slide_features)
     models = predictors or Predictors.from_run(layout, min_gene_fraction=settings.min_gene_fraction)
     ex = Explanation(patient=patient, settings=settings)
     step = ex.log
@@ -226,7 +273,9 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
 
     tell("slide", 0.3)
     if patient.slide is None:
-        step.note("no slide was given: the slide model was not run")
+        step.note("no slide image was given: the patch-level slide model was not run" +
+                  (" (the slide-feature model runs on the slide-level image features)"
+                   if patient.slide_features is not None else ""))
     elif models.slide is None:
         ex.tiled = step.timed("tile_slide", tile_patient_slide, patient, layout, workdir)
         step.note(f"the run has no slide model ({layout.model_dir('slide')}): run `oncofm train slide`; "
@@ -236,6 +285,7 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
         tell("slide model", 0.45)
         ex.slide = step.timed("slide_model", models.slide.predict_tiles, ex.tiled)
 
+    fusion_branch = _slide_feature_step(ex, models, layout)
     ev_settings = evidence_settings(layout, models.fusion)
     if ex.slide is not None:
         tell("top patches", 0.6)
@@ -244,17 +294,19 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
                                       sample=ev_settings.sample_patches, seed=ev_settings.seed)
     evidence_patches = (None if ex.patch_summary is None else
                         PatchSummary(ex.patch_summary.patches[: ev_settings.top_patches], ex.patch_summary.slide_mean))
-    ex.evidence = step.timed("evidence", build_evidence, patient.cancer_type, patient.age, ex.omics, ex.slide,
-                             evidence_patches, ev_settings)
+    ex.fusion_branch = fusion_branch
+    slide_in = ex.slide_for_fusion
+    ex.evidence = step.timed("evidence", build_evidence, patient.cancer_type, patient.age, ex.omics, slide_in,
+                             evidence_patches if slide_in is ex.slide else None, ev_settings)
 
     tell("fusion", 0.7)
-    if ex.omics is None and ex.slide is None:
+    if ex.omics is None and slide_in is None:
         step.note("no model could be applied to this patient: no prediction is made")
     elif models.fusion is None:
         step.note(f"the run has no fusion model ({layout.model_dir('fusion')}): run `oncofm train fusion`; "
                   "no generated explanation")
     else:
-        ex.fusion = step.timed("fusion", models.fusion.predict, ex.evidence, ex.omics, ex.slide, patient.patient_id)
+        ex.fusion = step.timed("fusion", models.fusion.predict, ex.evidence, ex.omics, slide_in, patient.patient_id)
         # the guardrail: no generated text is shown as sound before it passes the checker
         ex.check = step.timed("check", check_explanation, ex.fusion.text, ex.evidence.to_dict(),
                               gene_vocabulary(layout, ex.evidence))
@@ -286,6 +338,9 @@ def explanation_record(ex: Explanation) -> dict[str, Any]:
         "prediction": {"outcome": outcome, "risk": risk, "source": source},
         "omics": None if omics is None else {"prob": omics.prob},
         "slide": None if ex.slide is None else {"prob": ex.slide.prob, "n_patches": int(len(ex.slide.attention))},
+        "slide_features": None if ex.slide_features is None else
+        {"prob": ex.slide_features.prob, "reference_type": ex.slide_features.reference_type,
+         "top_features": ex.slide_features.attributions.head(ex.settings.top_genes).to_dict("records")},
         "text": None if ex.fusion is None else ex.fusion.text,
         # "passed": the text passed the checker; "flagged": it failed (failures below); null: no text
         "text_status": None if ex.fusion is None else ("passed" if ex.text_passed else "flagged"),

@@ -110,6 +110,10 @@ RULES: dict[str, str] = {
     "gene_fact_wrong": "a z-score, q-value or Cox sign after a gene differs from that gene's record",
     "significance_misstated": "a gene is called (not) significant against its q-value (significant iff q < 0.05)",
     "number_not_in_evidence": "a number is neither a number of the record nor a derived one",
+    "image_feature_not_in_evidence": "a whole-slide image feature is cited (with a percentile) that the record "
+                                     "does not hold",
+    "image_feature_wrong": "an image feature's percentile, its reference cancer type or the direction of its "
+                           "clause differs from the record",
     "modality_misstated": "a modality is said to be missing though present, or a missing one is reported on",
     "cancer_type_misstated": "the text names another cancer type than the record's",
     "verdict_words_vs_risk": "the outcome words disagree with the stated risk (death iff risk >= 0.5)",
@@ -152,7 +156,8 @@ class Failure:
 
 
 _COUNTS = ("genes_named", "genes_in_evidence", "directions", "directions_ok", "numbers", "numbers_ok",
-           "significance", "significance_ok", "sentences", "repeated_sentences")
+           "significance", "significance_ok", "image_features", "image_features_ok", "sentences",
+           "repeated_sentences")
 
 
 @dataclass
@@ -169,6 +174,8 @@ class CheckResult:
     numbers_ok: int = 0
     significance: int = 0  # significance words checked
     significance_ok: int = 0
+    image_features: int = 0  # image-feature citations checked (name, percentile, reference, direction)
+    image_features_ok: int = 0
     sentences: int = 0  # sentences of the body
     repeated_sentences: int = 0  # distinct sentences that occur twice or more
     prediction: dict[str, Any] | None = None  # {"death", "risk"} of the parsed prediction line
@@ -181,12 +188,14 @@ class CheckResult:
 
     @property
     def claims(self) -> int:
-        return self.genes_named + self.directions + self.numbers + self.significance
+        return self.genes_named + self.directions + self.numbers + self.significance + self.image_features
 
     @property
     def faithfulness(self) -> float:
-        """Agreeing claims (genes, directions, numbers, significance words) / claims; 1.0 with none."""
-        ok = self.genes_in_evidence + self.directions_ok + self.numbers_ok + self.significance_ok
+        """Agreeing claims (genes, directions, numbers, significance words, image features) / claims; 1.0
+        with none."""
+        ok = (self.genes_in_evidence + self.directions_ok + self.numbers_ok + self.significance_ok
+              + self.image_features_ok)
         return 1.0 if self.claims == 0 else ok / self.claims
 
     @property
@@ -232,6 +241,9 @@ _NEGATION = re.compile(r"\b(?:no|not|without|missing|unavailable|absent)\b", re.
 _CANCER = re.compile(r"(?i:\b(?:this is an?|the patient has|cancer type\s*:|diagnosed with))\s+"
                      r"([A-Z][A-Z0-9]{1,9}(?:-[A-Z0-9]+)?)\b")
 _PAREN = re.compile(r"\([^()]*\)")
+_PERCENTILE = re.compile(r"\(\s*(\d+)(?:st|nd|rd|th) percentile of (all training|[A-Za-z0-9-]+) patients\s*\)",
+                         re.IGNORECASE)
+_IMAGE_MASK = "the image feature"
 _FACTS = re.compile("|".join(f"(?:{p.pattern})" for p in (_Z, _Q, _COX, _SIG)), re.IGNORECASE)
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.'&+-][a-z0-9]+)*")
 
@@ -324,6 +336,7 @@ class _Check:
         self.parsed: ParsedPrediction | None = parse_prediction(self.text)
         self.allowed = self._allowed_numbers()
         self.claims: dict[str, list[tuple[str, str]]] = defaultdict(list)  # gene -> [(direction, sentence)]
+        self.image = {str(f["name"]).lower(): f for f in evidence.get("image_features") or []}
 
     def fail(self, rule: str, statement: str, detail: str) -> None:
         self.failures.append(Failure(rule, _short(statement), detail))
@@ -430,6 +443,7 @@ class _Check:
     # -- one sentence: genes, facts, numbers, modalities, cancer type --
 
     def check_sentence(self, sentence: str) -> None:
+        sentence = self._image_features(sentence)  # checked here; masked for the gene and number rules
         self._modalities(sentence)
         self._cancer_type(sentence)
         unknown: set[str] = set()
@@ -448,6 +462,68 @@ class _Check:
                     self.claims[gene].append((direction, sentence))
                 stop = mentions[k + 1][1] if k + 1 < len(mentions) else len(clause)
                 self._numbers(clause[end:stop], sentence, gene)
+
+    def _image_features(self, sentence: str) -> str:
+        """Check every cited image feature of ``sentence`` — ``<name> (92nd percentile of LUAD patients)`` and
+        any record feature named without a percentile — and return the sentence with them masked (their
+        names hold numbers such as "80 µm" that are part of the name, not claims)."""
+        spans: list[tuple[int, int]] = []
+        clauses = [(m.start(), m.end()) for m in re.finditer(r"[^;:]+", sentence)]
+
+        def clause_of(pos: int) -> str:
+            whole = next((sentence[a:b] for a, b in clauses if a <= pos < b), sentence)
+            head = sentence[: sentence.find(":")] if ":" in sentence else ""
+            return f"{head} {whole}"  # "Image features that raise the risk: a (..); b (..)": the head says it
+
+        def direction_ok(f: dict, pos: int, stmt: str) -> bool:
+            said = _direction(clause_of(pos))
+            want = "risk" if f["effect"] == "raises" else "protective"
+            if said is not None and said != want:
+                self.fail("image_feature_wrong", stmt, f"'{f['name']}' is stated in a {said} clause; the record "
+                                                       f"says it {f['effect']} the risk")
+                return False
+            return True
+
+        for m in _PERCENTILE.finditer(sentence):
+            before = sentence[: m.start()].rstrip().lower()
+            name = next((n for n in sorted(self.image, key=len, reverse=True) if before.endswith(n)), None)
+            if name is not None:
+                start = len(before) - len(name) - 1
+            else:  # not a record feature: the words since the list's last separator, for the message
+                start = max(sentence.rfind(c, 0, m.start()) for c in ":;,")
+                name = sentence[start + 1: m.start()].strip()
+            self.n["image_features"] += 1
+            own = self.image.get(name.lower())
+            if own is None:
+                self.fail("image_feature_not_in_evidence", sentence, f"'{name}' is not an image feature of the record")
+                spans.append((start + 1, m.end()))
+                continue
+            ok = direction_ok(own, m.start(), sentence)
+            pct, ref = int(m.group(1)), m.group(2)
+            want_ref = "all training" if (own.get("reference") or "all") == "all" else str(own["reference"])
+            if own.get("percentile") is None or pct != int(own["percentile"]) or ref.lower() != want_ref.lower():
+                self.fail("image_feature_wrong", sentence, f"'{name}': {ordinal_text(pct)} percentile of {ref} "
+                                                           f"patients; the record has {own.get('percentile')} of "
+                                                           f"{want_ref}")
+                ok = False
+            self.n["image_features_ok"] += ok
+            spans.append((start + 1, m.end()))
+        low = sentence.lower()
+        for name, own in self.image.items():  # a record feature named without its percentile
+            for m in re.finditer(re.escape(name), low):
+                if any(a <= m.start() < b for a, b in spans):
+                    continue
+                self.n["image_features"] += 1
+                self.n["image_features_ok"] += direction_ok(own, m.start(), sentence)
+                spans.append(m.span())
+        for a, b in sorted(spans, reverse=True):
+            sentence = f"{sentence[:a]} {_IMAGE_MASK}{sentence[b:]}"
+        return sentence
+
+    def _mask_image_names(self, sentence: str) -> str:
+        for name in sorted(self.image, key=len, reverse=True):
+            sentence = re.sub(re.escape(name), " ", sentence, flags=re.IGNORECASE)
+        return sentence
 
     def _numbers(self, segment: str, sentence: str, gene: str | None) -> None:
         """The numbers of ``segment``: facts of ``gene`` (the gene it follows; None = no gene), then the rest."""
@@ -568,7 +644,8 @@ class _Check:
     def check_loops(self) -> None:
         words: list[tuple[str, int]] = []
         for i, s in enumerate(self.sentences):
-            plain = _FACTS.sub(" ", _PAREN.sub(" ", s))  # gene facts may legitimately recur
+            plain = _FACTS.sub(" ", _PAREN.sub(" ", self._mask_image_names(s)))  # facts and image-feature
+            # names (long, with shared words: "cancer cells within 80 µm of ...") may legitimately recur
             words += [(w, i) for w in _TOKEN.findall(plain.lower())]
         n, r, window = self.s.loop_ngram, self.s.loop_repeats, self.s.loop_window
         positions: dict[tuple[str, ...], list[int]] = defaultdict(list)
@@ -582,6 +659,12 @@ class _Check:
             covered.append((pos[hit], pos[-1] + n))
             self.fail("ngram_loop", self.sentences[words[pos[hit]][1]],
                       f"'{' '.join(gram)}' occurs {len(pos)} times ({r} within {window} words)")
+
+
+def ordinal_text(n: int) -> str:
+    from oncofm.fusion.evidence import ordinal
+
+    return ordinal(n)
 
 
 def check_explanation(text: str, evidence: dict, gene_vocabulary: set[str],

@@ -12,6 +12,9 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
     def reasoning_cmd(
         run: Path = typer.Option(..., "--run", "-r", help="Run directory with the omics (and/or slide) model."),
         top_genes: int = typer.Option(3, help="Risk genes and protective genes per patient."),
+        slide_branch: str = typer.Option("auto", help="The slide modality: auto (the slide model the run has) | "
+                                                      "mil (attention MIL on patches) | features (the "
+                                                      "slide-feature model on slide-level image features)."),
         seed: int = typer.Option(0, help="Seed for template phrasing and the out-of-fold head."),
         redo: bool = typer.Option(False, help="Rebuild even if the dataset exists."),
     ) -> None:
@@ -19,8 +22,9 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         from oncofm.fusion.evidence import EvidenceSettings
         from oncofm.fusion.reasoning import ReasoningSettings, build_reasoning_dataset
 
-        paths = build_reasoning_dataset(ReasoningSettings.build(run=str(run), evidence=EvidenceSettings(top_genes=top_genes),
-                                                                seed=seed, redo=redo))
+        paths = build_reasoning_dataset(ReasoningSettings.build(
+            run=str(run), evidence=EvidenceSettings(top_genes=top_genes), slide_branch=slide_branch, seed=seed,
+            redo=redo))
         for name, path in paths.items():
             typer.echo(f"{name}: {path}")
 
@@ -78,6 +82,21 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
                                                          decoding=decoding))
         for line in format_metrics(metrics):
             typer.echo(line)
+
+    @app.command("compare-modalities")
+    def compare_cmd(
+        run: Path = typer.Option(..., "--run", "-r", help="Run directory with reasoning/fused_head.parquet."),
+        split: str = typer.Option("test", help="The split compared (test, val)."),
+        n_boot: int = typer.Option(2000, help="Bootstrap resamples of every CI."),
+    ) -> None:
+        """Omics only, slide only, the fused head and (after evaluate-fusion) the parsed text, side by side:
+        AUC with CIs and C-index on patients with both modalities (pooled and per cancer type), without the
+        slide, and all; paired differences of the fused head against the better single modality."""
+        from oncofm.fusion.compare import compare_modalities, format_comparison
+
+        out = compare_modalities(run, split=split, n_boot=n_boot)
+        typer.echo(format_comparison(out))
+        typer.echo(f"written: {out['paths']['md']}")
 
     @app.command("draft-reasoning")
     def draft_cmd(

@@ -159,7 +159,7 @@ def evaluate_fusion(settings: FusionEvaluateSettings) -> dict[str, Any]:
     predictor = FusionPredictor.load(settings.run, precision=settings.precision, merge=True)
     model, tokenizer, cfg = predictor.model, predictor.tokenizer, predictor.config
     emb = load_embeddings(settings.run, [r["patient_id"] for r in records], omics_dim=predictor.d_omics,
-                          slide_dim=predictor.d_slide)
+                          slide_dim=predictor.d_slide, slide_branch=predictor.slide_branch)
     if (emb.omics.shape[1], emb.slide.shape[1]) != (predictor.d_omics, predictor.d_slide):
         raise OncoFMError(f"embedding widths {(emb.omics.shape[1], emb.slide.shape[1])} differ from the trained "
                           f"fusion model's {(predictor.d_omics, predictor.d_slide)}; retrain with "

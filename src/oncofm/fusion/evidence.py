@@ -12,7 +12,10 @@ probability; the top risk and protective genes (by the omics model's signed attr
 normalised expression z-score, the sign of their Cox coefficient in the patient's cancer type (the
 pan-cancer coefficient for a type unseen in training) and its FDR q-value; the slide model's
 probability; image findings from the most attended patches (how concentrated the attention is, their
-morphometrics against the slide's average); and which modalities are missing.
+morphometrics against the slide's average) or, when the slide branch is the slide-feature model
+(:mod:`oncofm.pathology.feature_model`), the whole-slide image features behind its prediction (the largest
+integrated-gradient attributions of each sign, in words, with the patient's percentile within its cancer
+type); and which modalities are missing.
 
 :class:`Evidence` renders the LLM prompt (:meth:`Evidence.prompt`) and lists the numbers a checker may
 find in a text (:meth:`Evidence.numbers`); :meth:`Evidence.to_dict` is the JSON form stored in
@@ -34,7 +37,8 @@ if TYPE_CHECKING:
     from oncofm.pathology.predict import PatchSummary, SlideResult
 
 __all__ = ["Evidence", "EvidenceSettings", "MORPH_FEATURES", "SIGNIFICANCE_Q", "attention_concentration",
-           "build_evidence", "cox_agrees", "evidence_numbers", "evidence_prompt", "gene_facts", "significance"]
+           "build_evidence", "cox_agrees", "evidence_numbers", "evidence_prompt", "gene_facts",
+           "image_feature_evidence", "ordinal", "percentile_phrase", "significance"]
 
 MORPH_FEATURES = {"nuclei_density": "nuclear density", "hematoxylin_od": "hematoxylin stain",
                   "eosin_od": "eosin stain", "tissue_fraction": "tissue cover"}
@@ -54,6 +58,8 @@ class EvidenceSettings(BaseModel):
     top_patches: int = Field(8, ge=1, description="most attended patches summarised as image findings")
     sample_patches: int = Field(32, ge=1, description="patches sampled as the slide's reference morphometrics")
     seed: int = Field(0, description="seed of the reference-patch sample")
+    top_image_features: int = Field(2, ge=0, le=10, description="whole-slide image features cited per direction "
+                                    "(slide-feature model: the largest attributions that raise / lower the risk)")
 
 
 @dataclass
@@ -69,6 +75,11 @@ class Evidence:
     slide_prob: float | None = None
     image: dict[str, Any] | None = None
     missing: list[str] = field(default_factory=list)
+    #: "patches" (attention MIL on the slide's patches) or "features" (slide-level image features); None: no slide
+    slide_source: str | None = None
+    #: whole-slide image features as ``{feature, name, effect: raises|lowers, percentile, reference, value,
+    #: attribution}`` (slide-feature model only)
+    image_features: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +174,28 @@ def morphometric_findings(summary: PatchSummary | None, n_patches: int | None = 
     return out
 
 
+def image_feature_evidence(attributions: pd.DataFrame, top: int, reference: str) -> list[dict[str, Any]]:
+    """The ``top`` largest positive and the ``top`` largest negative attributions of a slide-feature result
+    (``feature, name, value, percentile, attribution``), risk-raising first, each with its percentile
+    within ``reference`` (the cancer type, or ``all``), rounded to a whole number between 1 and 99."""
+    if top <= 0 or attributions is None or len(attributions) == 0:
+        return []
+    att = attributions.dropna(subset=["attribution"]).sort_values("attribution", kind="stable")
+    up = att[att["attribution"] > 0].iloc[::-1].head(top)
+    down = att[att["attribution"] < 0].head(top)
+    out = []
+    for effect, rows in (("raises", up), ("lowers", down)):
+        for row in rows.itertuples(index=False):
+            pct = float(row.percentile)
+            out.append({"feature": str(row.feature), "name": str(row.name), "effect": effect,
+                        # whole numbers 1-99: "0th" / "100th percentile" read as impossible
+                        "percentile": None if math.isnan(pct) else int(min(99, max(1, round(pct)))),
+                        "reference": reference,
+                        "value": None if pd.isna(row.value) else float(f"{float(row.value):.3g}"),
+                        "attribution": _r(row.attribution, 4)})
+    return out
+
+
 def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | None, slide: SlideResult | None,
                    patches: PatchSummary | None, settings: EvidenceSettings) -> Evidence:
     """The evidence record from the predictors' results (the one builder; see the module docstring)."""
@@ -175,8 +208,14 @@ def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | Non
                                                            settings.gene_rule)
     if slide is None:
         ev.missing.append("slide")
+    elif hasattr(slide, "attributions"):  # the slide-feature model: features in words, no patches
+        ev.slide_prob = _r(slide.prob, 2)
+        ev.slide_source = "features"
+        ref = getattr(slide, "reference_type", "") or str(cancer_type)
+        ev.image_features = image_feature_evidence(slide.attributions, settings.top_image_features, ref)
     else:
         ev.slide_prob = _r(slide.prob, 2)
+        ev.slide_source = "patches"
         if len(slide.attention):  # no attention stored: the probability alone, no image findings
             ev.image = {"n_patches": int(len(slide.attention)), "top_fraction": settings.top_fraction,
                         "top_share": _r(attention_concentration(slide.attention, settings.top_fraction), 2),
@@ -228,9 +267,31 @@ def evidence_prompt(ev: dict) -> str:
         lines.append(f"Top {img['top_fraction']:.0%} of patches hold {img['top_share']:.2f} of attention")
         for f in img.get("findings", []):
             lines.append(f"Attended patches {f['name']}: {f['ratio']:.2f} x slide average")
+    for effect in ("raises", "lowers"):
+        cited = [f for f in ev.get("image_features") or [] if f["effect"] == effect]
+        if cited:
+            lines.append(f"Image features that {effect[:-1]} the risk: " + "; ".join(
+                f"{f['name']} ({percentile_phrase(f)})" for f in cited))
     if ev.get("missing"):
         lines.append("Missing: " + ", ".join(ev["missing"]))
     return "\n".join(lines)
+
+
+def ordinal(n: int) -> str:
+    """``1`` → ``1st``, ``22`` → ``22nd``, ``13`` → ``13th``."""
+    n = int(n)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def percentile_phrase(finding: dict) -> str:
+    """``92nd percentile of LUAD patients`` (``of all training patients`` for the pooled reference);
+    ``value missing`` without a percentile."""
+    if finding.get("percentile") is None:
+        return "value missing"
+    ref = finding.get("reference") or "all"
+    who = "all training patients" if ref == "all" else f"{ref} patients"
+    return f"{ordinal(finding['percentile'])} percentile of {who}"
 
 
 def evidence_numbers(ev: dict) -> list[float]:

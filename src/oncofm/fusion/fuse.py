@@ -5,6 +5,10 @@ without one modality gets a **learned** embedding in its place (:class:`FusedEmb
 is told "no slide" in a way it can learn from; for the linear baseline head, which cannot learn a
 stand-in, the missing part is zero and two indicator columns say what is missing
 (:func:`fused_matrix`).
+
+The slide embedding comes from one *slide branch* (:func:`resolve_slide_branch`): ``mil``, the attention-MIL
+slide model on the slide's patches (``models/slide``), or ``features``, the slide-feature model on slide-level
+image features (``models/slide_features``, :mod:`oncofm.pathology.feature_model`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,39 @@ import pandas as pd
 import torch
 from torch import nn
 
-from oncofm.errors import DataValidationError
+from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.paths import RunLayout
 
-__all__ = ["ModalityEmbeddings", "load_embeddings", "FusedEmbedding", "fused_matrix"]
+__all__ = ["ModalityEmbeddings", "load_embeddings", "FusedEmbedding", "fused_matrix", "SLIDE_BRANCHES",
+           "resolve_slide_branch", "reasoning_slide_branch"]
+
+#: slide branch → the model directory (``RUN/models/<name>``) whose embeddings are the slide modality
+SLIDE_BRANCHES = {"mil": "slide", "features": "slide_features"}
+
+
+def resolve_slide_branch(run: str | Path, choice: str = "auto") -> str:
+    """``mil`` or ``features``: ``choice`` itself, or for ``auto`` the branch whose model the run has
+    (``mil`` when it has neither; an error when it has both: the user must choose)."""
+    if choice in SLIDE_BRANCHES:
+        return choice
+    if choice != "auto":
+        raise OncoFMError(f"unknown slide branch {choice!r}; choose auto, mil or features")
+    layout = RunLayout(run)
+    have = [b for b, d in SLIDE_BRANCHES.items() if (layout.model_dir(d) / "embeddings.parquet").exists()]
+    if len(have) == 2:
+        raise OncoFMError("the run has both an attention-MIL slide model (models/slide) and a slide-feature model "
+                          "(models/slide_features); choose the slide branch fusion uses with --slide-branch mil "
+                          "or --slide-branch features (oncofm reasoning)")
+    return have[0] if have else "mil"
+
+
+def reasoning_slide_branch(run: str | Path) -> str:
+    """The slide branch the run's reasoning dataset was built with (its saved settings; else ``auto``)."""
+    from oncofm.config import read_settings_mapping
+
+    path = RunLayout(run).settings_file("reasoning")
+    saved = read_settings_mapping(path) if path.exists() else {}
+    return resolve_slide_branch(run, str(saved.get("slide_branch") or "auto"))
 
 
 @dataclass
@@ -61,15 +94,17 @@ def _read_embedding_table(path: Path) -> pd.DataFrame | None:
 
 
 def load_embeddings(run: str | Path, patient_ids: list[str], *, slide_dim: int = 0,
-                    omics_dim: int = 0) -> ModalityEmbeddings:
-    """Read ``models/omics/embeddings.parquet`` and ``models/slide/embeddings.parquet`` for ``patient_ids``.
+                    omics_dim: int = 0, slide_branch: str = "auto") -> ModalityEmbeddings:
+    """Read ``models/omics/embeddings.parquet`` and the slide branch's ``embeddings.parquet``
+    (``models/slide`` or ``models/slide_features``, :func:`resolve_slide_branch`) for ``patient_ids``.
 
     A model whose table does not exist counts as missing for every patient (its width is then
     ``omics_dim``/``slide_dim``, at least 1, so the fused vector keeps a fixed layout).
     """
     layout = RunLayout(run)
-    tables = {name: _read_embedding_table(layout.model_dir(name) / "embeddings.parquet")
-              for name in ("omics", "slide")}
+    slide_dir = SLIDE_BRANCHES[resolve_slide_branch(run, slide_branch)]
+    tables = {name: _read_embedding_table(layout.model_dir(folder) / "embeddings.parquet")
+              for name, folder in (("omics", "omics"), ("slide", slide_dir))}
     out = {}
     for name, default in (("omics", omics_dim), ("slide", slide_dim)):
         df = tables[name]

@@ -74,6 +74,8 @@ class FusionPredictor:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.d_omics, self.d_slide = int(config["d_omics"]), int(config["d_slide"])
         self.evidence_settings = EvidenceSettings(**config.get("evidence", {}))
+        #: the slide modality it was trained on: mil (patches) or features (slide-level image features)
+        self.slide_branch = str(config.get("slide_branch", "mil"))
         self.version = version
         self.max_new_tokens = max_new_tokens
         self.decoding = decoding  # oncofm.fusion.generate.DECODINGS

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from oncofm.fusion.evidence import gene_facts
+from oncofm.fusion.evidence import gene_facts, percentile_phrase
 from oncofm.fusion.parse import format_prediction
 
 __all__ = ["render_target", "draft_texts", "slot_options", "evidence_summary", "RISK_WORDS", "PROTECTIVE_WORDS",
@@ -44,6 +44,18 @@ _PROT = (
 _SLIDE = (
     "The slide model gives a probability of {p:.2f}.",
     "On the H&E slide, the slide model estimates {p:.2f}.",
+)
+_SLIDE_FEATURES = (
+    "From the whole-slide image features, the slide model gives a probability of {p:.2f}.",
+    "The slide model, on whole-slide image features, estimates {p:.2f}.",
+)
+_IMAGE_RISK = (
+    "Image features that raise the risk: {features}.",
+    "On the slide, these findings push the risk up: {features}.",
+)
+_IMAGE_PROT = (
+    "Image features that lower the risk: {features}.",
+    "On the slide, these findings push the risk down: {features}.",
 )
 _ATTN = (
     "The top {f:.0%} of patches hold {s:.2f} of the attention ({how}).",
@@ -116,7 +128,13 @@ def slot_options(ev: dict) -> list[tuple[str, ...]]:
         genes = "; ".join(_gene(x) for x in ev["protective_genes"])
         slots.append(tuple(t.format(genes=genes) for t in _PROT))
     if ev.get("slide_prob") is not None:
-        slots.append(tuple(t.format(p=ev["slide_prob"]) for t in _SLIDE))
+        phrasings = _SLIDE_FEATURES if ev.get("slide_source") == "features" else _SLIDE
+        slots.append(tuple(t.format(p=ev["slide_prob"]) for t in phrasings))
+    for effect, phrasings in (("raises", _IMAGE_RISK), ("lowers", _IMAGE_PROT)):
+        cited = [f for f in ev.get("image_features") or [] if f["effect"] == effect]
+        if cited:
+            features = "; ".join(f"{f['name']} ({percentile_phrase(f)})" for f in cited)
+            slots.append(tuple(t.format(features=features) for t in phrasings))
     img = ev.get("image")
     if img and img.get("top_share") is not None:
         f = img["top_fraction"]

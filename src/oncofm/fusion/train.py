@@ -99,11 +99,12 @@ def build_fusion_model(llm: Any, d_omics: int, d_slide: int, settings: FusionSet
 def fusion_items(tokenizer: Any, records: list[dict], run: str | Path, *, with_target: bool,
                  dims: tuple[int, int] | None = None) -> list[Any]:
     """Tokenised :class:`~oncofm.fusion.model.FusionItem` for ``records`` with their embeddings."""
-    from oncofm.fusion.fuse import load_embeddings
+    from oncofm.fusion.fuse import load_embeddings, reasoning_slide_branch
     from oncofm.fusion.model import encode_item
 
     ids = [r["patient_id"] for r in records]
-    emb = load_embeddings(run, ids, omics_dim=dims[0] if dims else 0, slide_dim=dims[1] if dims else 0)
+    emb = load_embeddings(run, ids, omics_dim=dims[0] if dims else 0, slide_dim=dims[1] if dims else 0,
+                          slide_branch=reasoning_slide_branch(run))
     if dims and (emb.omics.shape[1], emb.slide.shape[1]) != tuple(dims):
         raise OncoFMError(f"embedding widths {(emb.omics.shape[1], emb.slide.shape[1])} differ from the trained "
                           f"fusion model's {tuple(dims)}; retrain with `oncofm train fusion --redo`")
@@ -125,6 +126,7 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     import torch
     from safetensors.torch import save_file
 
+    from oncofm.fusion.fuse import reasoning_slide_branch
     from oncofm.fusion.model import FusionTask, collate
     from oncofm.fusion.reasoning import read_dataset
     from oncofm.io import write_text
@@ -185,7 +187,7 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     tmp_dir.rename(paths["adapter"])
     cfg = {"settings": settings.model_dump(mode="json"), "d_omics": d_omics, "d_slide": d_slide,
            # how the training records' evidence was built: `explain` builds a new patient's the same way
-           "evidence": _reasoning_evidence_settings(layout),
+           "evidence": _reasoning_evidence_settings(layout), "slide_branch": reasoning_slide_branch(layout.root),
            "n_train_patients": len(train_items), "n_val_patients": len(val_items),
            "best_epoch": result.best_epoch, "best_val_loss": result.best_metric, "epochs_run": result.epochs_run,
            "train_seconds": round(result.seconds, 1), "trainable_parameters": n_train,

@@ -18,7 +18,7 @@ def integrated_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """(B, G) attributions for one batch (midpoint Riemann sum with ``steps`` points)."""
     if steps < 1:
         raise ValueError(f"{steps=} must be >= 1")
-    pairs, cancer, age, sex = model_inputs(batch)
+    pairs, cancer, age, sex, *more = model_inputs(batch)
     b, g, _ = pairs.shape
     alphas = (torch.arange(steps, dtype=pairs.dtype) + 0.5) / steps  # (S,)
     x = pairs[..., 0]  # (B, G)
@@ -29,7 +29,10 @@ def integrated_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     was_training = model.training
     model.eval()
     with torch.enable_grad():
-        logits, _ = model(scaled, rep(cancer), rep(age), rep(sex))
+        args = (scaled, rep(cancer), rep(age), rep(sex))
+        if more:  # further layers / covariates held fixed
+            args = (*args, {k: rep(v) for k, v in more[0].items()})
+        logits, _ = model(*args)
         (grad,) = torch.autograd.grad(logits.sum(), scaled)
     model.train(was_training)
     mean_grad = grad[..., 0].reshape(steps, b, g).mean(0)  # (B, G)

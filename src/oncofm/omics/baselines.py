@@ -1,13 +1,16 @@
 """Baselines run beside the omics transformer: same split, same features.
 
-- ``clinical``: logistic regression on cancer type (one-hot) + age + sex only;
+- ``clinical``: logistic regression on cancer type (one-hot) + age + sex (+ stage and grade when the
+  encoder has those covariates) only;
 - ``logistic_l2``: L2 logistic regression on the gene features + clinical covariates;
 - ``coxnet``: Cox elastic net (scikit-survival ``CoxnetSurvivalAnalysis``, l1_ratio 0.5) on the same,
   trained on every training patient (follow-up censored at the horizon), P(death) from its survival curve;
 - ``hgb``: histogram gradient boosting classifier on the same.
 
 The gene features are the pair tensor's expression and expression × coefficient (the gene's Cox log-hazard
-contribution), i.e. the transformer's inputs flattened. Each baseline picks its one regularisation
+contribution), i.e. the transformer's inputs flattened; further layers (CNV, mutation) add their value (0
+where not measured) and an absent-layer flag (:func:`layer_design`), covariates
+(stage, grade) one-hot levels and an unknown flag — every model sees the same inputs. Each baseline picks its one regularisation
 hyperparameter on the validation split (AUC + C-index), exactly like the transformer picks its epoch;
 the test split is only predicted. A registry maps names to builders so more can be added.
 """
@@ -43,6 +46,20 @@ def gene_design(table: OmicsTable) -> np.ndarray:
     """(N, 2G) expression and expression × coefficient."""
     x, c = table.pairs[..., 0], table.pairs[..., 1]
     return np.concatenate([x, x * c], axis=1).astype(np.float32)
+
+
+def layer_design(table: OmicsTable) -> np.ndarray:
+    """(N, Σ F + 1) per further layer: the value (0 where not measured: diploid / wild-type) and a flag for a
+    patient without the layer — the same columns as the omics model's wide path.
+
+    Unlike expression, value × coefficient is left out: for sparse binary features the training-split
+    coefficient makes that product fit the training outcomes (double dipping); on tcga13 validation it cost
+    the Cox elastic net 0.03 (mutation) of validation score, the plain value nothing (docs/omics.md)."""
+    cols = []
+    for _, values in table.layers.values():
+        x = values[..., 0]
+        cols += [np.nan_to_num(x), np.isnan(x).all(axis=1, keepdims=True)]
+    return (np.concatenate(cols, axis=1) if cols else np.zeros((len(table), 0))).astype(np.float32)
 
 
 def _val_score(table: OmicsTable, prob: np.ndarray) -> float:
@@ -84,7 +101,11 @@ def _logistic(features: Callable[[OmicsTable], np.ndarray], grid: list[float]) -
     return run
 
 
-def _coxnet(features: Callable[[OmicsTable], np.ndarray]) -> Callable:
+#: smallest penalty of the elastic-net paths, as a share of the largest (``alpha_min_ratio`` settings)
+ALPHA_MIN_RATIO = 0.01
+
+
+def _coxnet(features: Callable[[OmicsTable], np.ndarray], alpha_min_ratio: float = ALPHA_MIN_RATIO) -> Callable:
     def run(train: OmicsTable, val: OmicsTable, test: OmicsTable, name: str) -> BaselinePrediction:
         from sklearn.preprocessing import StandardScaler
         from sksurv.linear_model import CoxnetSurvivalAnalysis
@@ -98,7 +119,7 @@ def _coxnet(features: Callable[[OmicsTable], np.ndarray]) -> Callable:
         h = horizon_days(train.horizon_years)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=20, alpha_min_ratio=0.01, max_iter=2000,
+            model = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=20, alpha_min_ratio=alpha_min_ratio, max_iter=2000,
                                            fit_baseline_model=True).fit(xs["train"], y)
 
         def prob_at_h(alpha: float, part: str) -> np.ndarray:
@@ -134,16 +155,16 @@ def _hgb(features: Callable[[OmicsTable], np.ndarray]) -> Callable:
     return run
 
 
-def _builders(encoder: ClinicalEncoder) -> dict[str, Callable]:
+def _builders(encoder: ClinicalEncoder, alpha_min_ratio: float = ALPHA_MIN_RATIO) -> dict[str, Callable]:
     clinical = encoder.design
 
     def full(t: OmicsTable) -> np.ndarray:
-        return np.concatenate([gene_design(t), clinical(t)], axis=1)
+        return np.concatenate([gene_design(t), layer_design(t), clinical(t)], axis=1)
 
     return {
         "clinical": _logistic(clinical, [1.0]),
         "logistic_l2": _logistic(full, [0.001, 0.01, 0.1]),
-        "coxnet": _coxnet(full),
+        "coxnet": _coxnet(full, alpha_min_ratio),
         "hgb": _hgb(full),
     }
 
@@ -152,7 +173,8 @@ BASELINES = ("clinical", "logistic_l2", "coxnet", "hgb")
 
 
 def anchor_linear(train: OmicsTable, val: OmicsTable, encoder: ClinicalEncoder, kind: str = "logistic",
-                  grid: tuple[float, ...] = (0.001, 0.01, 0.1)) -> dict[str, np.ndarray | float | str]:
+                  grid: tuple[float, ...] = (0.001, 0.01, 0.1), alpha_min_ratio: float = ALPHA_MIN_RATIO
+                  ) -> dict[str, np.ndarray | float | str]:
     """A penalised linear model on the omics model's wide inputs, as raw-scale weights to anchor it.
 
     ``kind="logistic"``: L2 logistic regression on the labelled training patients (``C`` from ``grid``);
@@ -172,12 +194,13 @@ def anchor_linear(train: OmicsTable, val: OmicsTable, encoder: ClinicalEncoder, 
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    def design(t: OmicsTable) -> np.ndarray:
-        return encoder.design(t)[:, :len(encoder.cancer_types) + 1]  # drop the sex columns
+    def design(t: OmicsTable) -> np.ndarray:  # the wide path's columns, in its order (no sex)
+        p = encoder.design_parts(t)
+        return np.concatenate([gene_design(t), layer_design(t), p["cancer"], p["age"], p["covariates"]], 1)
 
     n_genes = 2 * train.pairs.shape[1]
-    xs = {"train": np.concatenate([gene_design(train), design(train)], 1),
-          "val": np.concatenate([gene_design(val), design(val)], 1)}
+    n_layers = layer_design(train).shape[1]
+    xs = {"train": design(train), "val": design(val)}
     has = ~np.isnan(train.label)
     scaler = StandardScaler().fit(xs["train"])
     zs = {k: scaler.transform(v) for k, v in xs.items()}
@@ -197,7 +220,8 @@ def anchor_linear(train: OmicsTable, val: OmicsTable, encoder: ClinicalEncoder, 
         t, e = censor_at_horizon(train.time, train.event, train.horizon_years)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cox = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=20, alpha_min_ratio=0.01, max_iter=2000).fit(
+            cox = CoxnetSurvivalAnalysis(l1_ratio=0.5, n_alphas=20, alpha_min_ratio=alpha_min_ratio,
+                                         max_iter=2000).fit(
                 zs["train"], Surv.from_arrays(event=e.astype(bool), time=t))
         # the score is rank-based, so the linear predictor ranks validation patients directly
         scores = [(float(_val_score(val, zs["val"] @ cox.coef_[:, i])), i) for i in range(0, cox.coef_.shape[1], 2)]
@@ -213,16 +237,23 @@ def anchor_linear(train: OmicsTable, val: OmicsTable, encoder: ClinicalEncoder, 
     bias = intercept - float((coef * scaler.mean_ / scaler.scale_).sum())
     c = chosen
     n_ct = len(encoder.cancer_types)
-    return {"genes": w[:n_genes], "cancer": np.concatenate([[0.0], w[n_genes:n_genes + n_ct - 1]]),
-            "clinical": w[n_genes + n_ct - 1:], "bias": bias, "chosen": c}
+    start = n_genes + n_layers
+    out = {"genes": w[:n_genes], "cancer": np.concatenate([[0.0], w[start:start + n_ct - 1]]),
+           "clinical": w[start + n_ct - 1:start + n_ct + 1], "bias": bias, "chosen": c}
+    if n_layers:
+        out["layers"] = w[n_genes:start]
+    if encoder.covariates:
+        out["covariates"] = w[start + n_ct + 1:]
+    return out
 
 
 def run_baselines(train: OmicsTable, val: OmicsTable, test: OmicsTable, encoder: ClinicalEncoder,
-                  names: tuple[str, ...] = BASELINES) -> dict[str, BaselinePrediction]:
+                  names: tuple[str, ...] = BASELINES, alpha_min_ratio: float = ALPHA_MIN_RATIO
+                  ) -> dict[str, BaselinePrediction]:
     """Fit each named baseline on ``train``, choose on ``val``, predict ``test``."""
     from oncofm.logging_utils import track
 
-    builders = _builders(encoder)
+    builders = _builders(encoder, alpha_min_ratio)
     unknown = sorted(set(names) - set(builders))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {sorted(builders)}")

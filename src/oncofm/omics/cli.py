@@ -35,6 +35,11 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         n_boot: int | None = typer.Option(None, help="Bootstrap resamples for the AUC CI [1000]."),
         threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's); 1 is fastest on a "
                                              "machine shared with other jobs."),
+        cnv_features: int | None = typer.Option(None, help="Copy-number tokens: best N CNV features of the Cox "
+                                                "table (0 = none) [0]."),
+        mutation_features: int | None = typer.Option(None, help="Mutation tokens: best N mutation features [0]."),
+        covariates: str | None = typer.Option(None, help="Comma-separated clinical covariate tokens: stage,grade "
+                                              "(baselines get them too) [none]."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
         redo: bool = typer.Option(False, help="Retrain even if the model exists with the same settings."),
     ) -> None:
@@ -48,7 +53,9 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         values = dict(run=str(run), max_genes=max_genes, anchor=anchor, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                       dropout=dropout, cox_weight=cox_weight, cox_stratified=cox_stratified, linear_skip=linear_skip, epochs=epochs, patience=patience, lr=lr,
                       batch_size=batch_size, seed=seed, ig_steps=ig_steps, n_boot=n_boot, threads=threads,
-                      progress=False if no_progress else None, redo=redo or None,
+                      progress=False if no_progress else None, redo=redo or None, cnv_features=cnv_features,
+                      mutation_features=mutation_features,
+                      covariates=None if covariates is None else [c.strip() for c in covariates.split(",") if c.strip()],
                       baselines=None if baselines is None else [b for b in baselines.split(",") if b.strip()])
         settings = (OmicsTrainSettings.from_yaml(config, **values) if config is not None
                     else OmicsTrainSettings.build(**values))

@@ -13,6 +13,13 @@ the model's "unknown cancer type" embedding. Every patient of the other cohort i
 censoring distribution of td-AUC / Brier is estimated on that cohort itself.
 
 Writes ``RUN/models/omics/external/<cohort name>/{metrics.json, predictions.parquet}``.
+
+**Every model, unchanged.** When the model run also has a slide-feature model (``models/slide_features``) and
+the other cohort has imported slide features (``cohort/slide_features.parquet``, the same feature set: checked),
+the slide-feature model predicts them, and the run's saved stacked fused head (``reasoning/fused_head.json``)
+combines the two probabilities exactly as for the run's own patients. ``modalities.json`` / ``.md`` beside the
+omics metrics compare omics, slide and fused head on the other cohort (:mod:`oncofm.fusion.compare`: with both
+modalities, without the slide, all; paired bootstrap differences).
 """
 
 from __future__ import annotations
@@ -124,5 +131,61 @@ def evaluate_cohort(settings: OmicsEvaluateSettings) -> dict[str, Path]:
     print_comparison(comparison_rows({MODEL_LABEL: result}), result["per_cancer_type"],
                      f"omics model of {settings.run} on {name} (gene coverage {100 * coverage:.1f}%)")
     settings.save(out_dir / "settings.yaml")
-    return {"metrics": out_dir / "metrics.json", "predictions": out_dir / "predictions.parquet"}
+    paths = {"metrics": out_dir / "metrics.json", "predictions": out_dir / "predictions.parquet"}
+    paths.update(_other_models(settings, table.patient_ids, prob, patients, out_dir))
+    return paths
+
+
+def _other_models(settings: OmicsEvaluateSettings, ids: list[str], p_omics: np.ndarray, patients: pd.DataFrame,
+                  out_dir: Path) -> dict[str, Path]:
+    """The slide-feature model and the stacked fused head of ``settings.run`` on the other cohort (when both
+    exist there); the side-by-side comparison. Returns the written paths."""
+    import json
+
+    from oncofm.cohort.schema import Col, five_year_labels
+    from oncofm.cohort.slide_features import load_slide_features
+    from oncofm.fusion.compare import format_comparison, group_comparison
+    from oncofm.fusion.reasoning import HEAD_MODEL_FILE, apply_stacked_head
+    from oncofm.io import write_json, write_parquet, write_text
+    from oncofm.pathology.feature_model import SlideFeaturePredictor
+    from oncofm.paths import RunLayout
+
+    model_run, other = RunLayout(settings.run), RunLayout(settings.cohort)
+    predictor = SlideFeaturePredictor.from_run(model_run)
+    if predictor is None:
+        return {}
+    if not other.slide_features.exists():
+        log.info("the cohort has no slide features (cohort/slide_features.parquet): only the omics model is applied")
+        return {}
+    feats = load_slide_features(settings.cohort, expected=predictor.feature_names)  # the model's feature set
+    feats = feats[feats.index.isin(ids)]
+    results = predictor.predict_table(feats.drop(columns="n_slides"), patients["cancer_type"].astype(str), top=5)
+    p_slide = pd.Series([r.prob for r in results], index=feats.index).reindex(ids).to_numpy(float)
+    frame = pd.DataFrame({"cancer_type": patients.reindex(ids)["cancer_type"].astype(str).to_numpy(),
+                          "time": patients.reindex(ids)[Col.OS_DAYS].to_numpy(float),
+                          "event": patients.reindex(ids)[Col.OS_EVENT].to_numpy(int),
+                          "omics": p_omics, "slide": p_slide, "parsed text": np.nan}, index=ids)
+    frame["label"] = five_year_labels(patients.reset_index()).reindex(ids).to_numpy()
+    head_path = model_run.reasoning_dir / HEAD_MODEL_FILE
+    head = json.loads(head_path.read_text()) if head_path.exists() else None
+    if head is not None and head.get("kind") == "stacked":
+        frame["fused head"] = apply_stacked_head(head, p_omics, p_slide)
+    else:
+        log.warning("the model run has no stacked fused head (%s): the fused head is not applied", head_path)
+        frame["fused head"] = np.nan
+    out: dict = {"split": f"all patients of {Path(settings.cohort).resolve().name}", "groups": {}}
+    both, without = frame[frame["slide"].notna()], frame[frame["slide"].isna()]
+    if len(both):
+        out["groups"]["both modalities"] = group_comparison(both, settings.n_boot, settings.seed)
+        out["per_type"] = {ct: group_comparison(g, settings.n_boot, settings.seed) for ct, g in both.groupby("cancer_type")
+                           if len(g) >= 10 and g["label"].nunique() == 2}
+    if len(without):
+        out["groups"]["without slide"] = group_comparison(without.assign(slide=np.nan), settings.n_boot, settings.seed)
+    out["groups"]["all"] = group_comparison(frame.assign(slide=np.nan), settings.n_boot, settings.seed)
+    text = format_comparison(out)
+    print(text)
+    write_parquet(frame.reset_index(names="patient_id"), out_dir / "modalities_predictions.parquet")
+    write_json(out, out_dir / "modalities.json")
+    write_text(text + "\n", out_dir / "modalities.md")
+    return {"modalities": out_dir / "modalities.md"}
 

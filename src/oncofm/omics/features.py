@@ -118,7 +118,7 @@ def select_genes(coefficients: pd.DataFrame, top_k: int = 256, q_max: float = 0.
 
 
 def build_pairs(expression_normalized: pd.DataFrame, cancer_types: pd.Series, coefficients: pd.DataFrame,
-                genes: list[str]) -> np.ndarray:
+                genes: list[str], *, layer: str = "expression", fill: bool = True) -> np.ndarray:
     """The (N, G, 2) float32 pair tensor for any patients (training, test, or new at inference).
 
     Parameters
@@ -132,16 +132,25 @@ def build_pairs(expression_normalized: pd.DataFrame, cancer_types: pd.Series, co
     genes : list of str
         Gene order of the tensor (``features/genes.txt``).
 
+    layer : str
+        The coefficient table's layer to pair with (``expression``; ``cnv`` / ``mutation`` for their matrices).
+    fill : bool
+        ``True``: missing values become 0 (expression: the training median); ``False`` keeps NaN (the omics
+        model masks those tokens: cnv / mutation not measured).
+
     Returns
     -------
     ndarray of shape (N, G, 2), float32
         ``[..., 0]`` expression (NaN -> 0), ``[..., 1]`` coefficient for the patient's cancer type
         (NaN -> 0; a type without coefficients uses ``__pan__``).
     """
+    from oncofm.survival.cox_stage import layer_rows
+
+    coefficients = layer_rows(coefficients, layer)
     _check_table(coefficients)
     genes = list(genes)
     absent = [g for g in genes if g not in expression_normalized.columns]
-    if absent:
+    if absent and fill:
         log.warning("%d of %d genes are missing from the expression (set to 0): %s", len(absent), len(genes),
                     ", ".join(absent[:10]))
     x = expression_normalized.reindex(columns=genes).to_numpy(dtype=np.float32)        # (N, G)
@@ -165,7 +174,7 @@ def build_pairs(expression_normalized: pd.DataFrame, cancer_types: pd.Series, co
     fallback = lookup.get(PAN_CANCER, len(table) - 1)
     row = np.array([lookup[t] if t in fitted else fallback for t in types], dtype=np.int64)  # (N,)
     out = np.empty((len(x), len(genes), 2), dtype=np.float32)                              # (N, G, 2)
-    out[..., 0] = np.nan_to_num(x, nan=0.0)
+    out[..., 0] = np.nan_to_num(x, nan=0.0) if fill else x
     out[..., 1] = table[row]
     return out
 
@@ -184,7 +193,9 @@ def run_features(settings: FeatureSettings) -> dict[str, Path]:
     if check_stage(settings, settings_path, list(paths.values()), on_change="redo"):
         log.info("features exist with the same settings; skipping (pass --redo to rebuild)")
         return paths
-    coefficients = load_coefficients(settings.run)
+    from oncofm.survival.cox_stage import layer_rows
+
+    coefficients = layer_rows(load_coefficients(settings.run), "expression")
     selection = select_genes(coefficients, settings.top_k, settings.q_max, settings.fill)
     genes = selection.index.tolist()
     patients = load_patients(settings.run).set_index(Col.PATIENT)

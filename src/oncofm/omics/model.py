@@ -61,7 +61,8 @@ class OmicsTransformer(nn.Module):
 
     def __init__(self, *, n_genes: int, n_cancer_types: int, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 4, ffn_factor: float = 2.0, dropout: float = 0.1,
-                 attention_dropout: float = 0.1, linear_skip: bool = False, gene_dropout: float = 0.0) -> None:
+                 attention_dropout: float = 0.1, linear_skip: bool = False, gene_dropout: float = 0.0,
+                 layers: dict[str, int] | None = None, covariates: list[str] | None = None) -> None:
         super().__init__()
         if n_genes < 1:
             raise ValueError(f"need at least one gene token, got {n_genes=}")
@@ -81,6 +82,12 @@ class OmicsTransformer(nn.Module):
                        "n_layers": n_layers, "n_heads": n_heads, "ffn_factor": ffn_factor, "dropout": dropout,
                        "attention_dropout": attention_dropout, "linear_skip": linear_skip,
                        "gene_dropout": gene_dropout}
+        layers = {k: int(v) for k, v in (layers or {}).items() if int(v) > 0}
+        covariates = list(covariates or [])
+        if layers:  # only then: a model without them keeps exactly its old parameters and config
+            self.config["layers"] = layers
+        if covariates:
+            self.config["covariates"] = covariates
         self.genes = GeneTokenizer(n_genes=n_genes, d_model=d_model)
         self.cancer = nn.Embedding(n_cancer_types, d_model)
         self.sex = nn.Embedding(3, d_model)
@@ -98,6 +105,17 @@ class OmicsTransformer(nn.Module):
         # learns the residual over a penalised-logistic / Cox-like prognostic index
         self.skip = nn.ModuleDict({"genes": nn.Linear(2 * n_genes, 1), "cancer": nn.Embedding(n_cancer_types, 1),
                                    "clinical": nn.Linear(2, 1)}) if linear_skip else None
+        # further omics layers: a tokenizer per layer and a layer embedding (index 0 = expression); absent
+        # values are masked from attention; covariates (stage, grade) are embedded tokens (0 = unknown)
+        self.layer_tokenizers = nn.ModuleDict({k: GeneTokenizer(n_genes=v, d_model=d_model) for k, v in layers.items()}) \
+            if layers else None
+        self.layer_embedding = nn.Parameter(torch.empty(1 + len(layers), d_model)) if layers else None
+        self.covariate_embeddings = nn.ModuleDict({c: nn.Embedding(5, d_model) for c in covariates}) \
+            if covariates else None
+        if linear_skip and layers:
+            self.skip["layers"] = nn.Linear(sum(v + 1 for v in layers.values()), 1)
+        if linear_skip and covariates:
+            self.skip["covariates"] = nn.Linear(5 * len(covariates), 1)
         self.reset_parameters()
 
     @property
@@ -122,9 +140,16 @@ class OmicsTransformer(nn.Module):
                 nn.init.zeros_(m.weight)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        if self.layer_tokenizers is not None:
+            for tok in self.layer_tokenizers.values():
+                tok.reset_parameters()
+            nn.init.normal_(self.layer_embedding, std=bound)
+        if self.covariate_embeddings is not None:
+            for emb in self.covariate_embeddings.values():
+                nn.init.normal_(emb.weight, std=bound)
 
-    def set_linear_anchor(self, genes: Any, cancer: Any, clinical: Any, bias: float, *,
-                          freeze: bool = True) -> None:
+    def set_linear_anchor(self, genes: Any, cancer: Any, clinical: Any, bias: float, *, layers: Any = None,
+                          covariates: Any = None, freeze: bool = True) -> None:
         """Copy a fitted linear model into the wide path and zero the transformer head (residual learning).
 
         ``genes`` (2G,) weights of ``[x, x·c]``, ``cancer`` (n_cancer_types,), ``clinical`` (2,) weights of
@@ -139,6 +164,12 @@ class OmicsTransformer(nn.Module):
             self.skip["cancer"].weight.copy_(torch.as_tensor(cancer, dtype=torch.float32).reshape(-1, 1))
             self.skip["clinical"].weight.copy_(torch.as_tensor(clinical, dtype=torch.float32).reshape(1, -1))
             self.skip["clinical"].bias.zero_()
+            for key, w in (("layers", layers), ("covariates", covariates)):
+                if key in self.skip:
+                    if w is None:
+                        raise ValueError(f"the model has a {key} path: give its anchor weights")
+                    self.skip[key].weight.copy_(torch.as_tensor(w, dtype=torch.float32).reshape(1, -1))
+                    self.skip[key].bias.zero_()
             self.head.weight.zero_()
             self.head.bias.zero_()
         for p in self.skip.parameters():
@@ -154,19 +185,63 @@ class OmicsTransformer(nn.Module):
         clinical = torch.stack([self.cls.expand(b, -1), self.cancer(cancer), age_tok, self.sex(sex)], 1)
         return torch.cat([clinical, self.genes(pairs)], dim=1)
 
+    def _extra_tokens(self, extra: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Tokens and padding masks of the further layers (NaN value = not measured: masked) and covariates."""
+        toks, masks = [], []
+        if self.layer_tokenizers is not None:
+            for i, (name, tok) in enumerate(self.layer_tokenizers.items()):
+                v = extra[f"layer_{name}"]  # (B, F, 2)
+                missing = torch.isnan(v[..., 0])  # (B, F)
+                toks.append(tok(torch.nan_to_num(v)) + self.layer_embedding[i + 1])
+                masks.append(missing)
+        if self.covariate_embeddings is not None:
+            for name, emb in self.covariate_embeddings.items():
+                toks.append(emb(extra[f"cov_{name}"])[:, None])  # (B, 1, d); level 0 = unknown
+                masks.append(torch.zeros(toks[-1].shape[:2], dtype=torch.bool, device=toks[-1].device))
+        return toks, masks
+
+    def _extra_wide(self, extra: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """The wide path's terms of the further layers (values 0 where missing, plus an absent-layer flag)."""
+        out: torch.Tensor | int = 0
+        if self.layer_tokenizers is not None and "layers" in self.skip:
+            cols = []
+            for name in self.layer_tokenizers:
+                v = extra[f"layer_{name}"]
+                x = torch.nan_to_num(v[..., 0])
+                absent = torch.isnan(v[..., 0]).all(dim=1, keepdim=True).to(x.dtype)
+                cols += [x, absent]  # as oncofm.omics.baselines.layer_design
+            out = out + self.skip["layers"](torch.cat(cols, 1)).squeeze(-1)
+        if self.covariate_embeddings is not None and "covariates" in self.skip:
+            onehot = [torch.nn.functional.one_hot(extra[f"cov_{c}"], 5)[:, [1, 2, 3, 4, 0]].float()
+                      for c in self.covariate_embeddings]
+            out = out + self.skip["covariates"](torch.cat(onehot, 1)).squeeze(-1)
+        return out
+
     def forward(self, pairs: torch.Tensor, cancer: torch.Tensor, age: torch.Tensor,
-                sex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                sex: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits (B,), embedding (B, d))``; with the wide path, ``(B, d + 1)``: the CLS state and the wide
-        logit (see :meth:`forward`'s end)."""
+        logit (see :meth:`forward`'s end). ``extra``: ``layer_<name>`` (B, F, 2) pairs with NaN where not
+        measured and ``cov_<name>`` (B,) levels 0-4, for a model built with ``layers`` / ``covariates``."""
         if pairs.ndim != 3 or pairs.shape[1:] != (self.config["n_genes"], 2):
             raise ValueError(f"pairs must be (B, {self.config['n_genes']}, 2), got {tuple(pairs.shape)}")
+        has_extra = self.layer_tokenizers is not None or self.covariate_embeddings is not None
+        if has_extra and extra is None:
+            raise ValueError("this model has further layers / covariates: pass extra= (see model_inputs)")
         tokens = self.tokens(pairs, cancer, age, sex)  # (B, 4 + G, d)
         mask = None
         p_drop = float(self.config.get("gene_dropout", 0.0))
         if self.training and p_drop > 0:  # token dropout: each gene token is hidden from attention
             drop = torch.rand(pairs.shape[:2], device=pairs.device) < p_drop  # (B, G)
             mask = torch.cat([torch.zeros(pairs.shape[0], 4, dtype=torch.bool, device=pairs.device), drop], 1)
-        h = self.encoder(tokens, src_key_padding_mask=mask)  # (B, 4 + G, d)
+        if has_extra:
+            if self.layer_embedding is not None:
+                tokens = torch.cat([tokens[:, :4], tokens[:, 4:] + self.layer_embedding[0]], 1)
+            toks, masks = self._extra_tokens(extra)
+            if mask is None:
+                mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=pairs.device)
+            tokens = torch.cat([tokens, *toks], 1)
+            mask = torch.cat([mask, *masks], 1)
+        h = self.encoder(tokens, src_key_padding_mask=mask)  # (B, 4 + G [+ extra], d)
         embedding = self.norm(h[:, 0])  # (B, d) — the penultimate layer
         logits = self.head(embedding).squeeze(-1)  # (B,)
         if self.skip is not None:
@@ -175,6 +250,8 @@ class OmicsTransformer(nn.Module):
             clinical = torch.stack([torch.nan_to_num(age), torch.isnan(age).to(age.dtype)], 1)  # (B, 2)
             wide_logit = (self.skip["genes"](wide) + self.skip["cancer"](cancer)
                           + self.skip["clinical"](clinical)).squeeze(-1)  # (B,)
+            if has_extra:
+                wide_logit = wide_logit + self._extra_wide(extra)
             logits = logits + wide_logit
             # the penultimate representation of the whole model: its logit is linear in [CLS state, wide logit]
             # (head weights and 1), so a linear head on the embedding can reach the model's own prediction
@@ -182,9 +259,12 @@ class OmicsTransformer(nn.Module):
         return logits, embedding
 
 
-def model_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """The positional ``forward`` arguments from an :class:`~oncofm.omics.data.OmicsDataset` batch."""
-    return batch["pairs"], batch["cancer"], batch["age"], batch["sex"]
+def model_inputs(batch: dict[str, Any]) -> tuple[Any, ...]:
+    """The positional ``forward`` arguments from an :class:`~oncofm.omics.data.OmicsDataset` batch
+    (``pairs, cancer, age, sex``, and a dict of the further layers / covariates when the batch has them)."""
+    base = (batch["pairs"], batch["cancer"], batch["age"], batch["sex"])
+    extra = {k: v for k, v in batch.items() if k.startswith(("layer_", "cov_"))}
+    return (*base, extra) if extra else base
 
 
 MODELS: dict[str, type[nn.Module]] = {"ft_transformer": OmicsTransformer}

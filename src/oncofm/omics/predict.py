@@ -36,7 +36,7 @@ from oncofm.omics.data import ClinicalEncoder, OmicsTable
 from oncofm.paths import RunLayout
 
 __all__ = ["OmicsPredictor", "OmicsResult", "TablePrediction", "attribution_table", "check_gene_coverage", "coefficients_for",
-           "forward_batches", "stored_omics_results"]
+           "forward_batches", "layer_coefficients", "stored_omics_results", "validate_layer_inputs"]
 
 TRAIN_HINT = "Run `oncofm train omics --run RUN` first."
 #: Integrated-gradients steps of runs whose config does not record them (runs made before it did).
@@ -69,6 +69,10 @@ class OmicsResult:
     n_model_genes: int
     missing_genes: list[str]
     version: str
+    #: the further inputs the model used for this patient (empty for an expression-only model):
+    #: ``layer, feature, value, coef, q`` (value NaN = not given, masked), and ``stage`` / ``grade`` levels
+    layer_inputs: pd.DataFrame | None = None
+    covariates: dict[str, float] = field(default_factory=dict)
 
     @property
     def coverage(self) -> float:
@@ -178,10 +182,18 @@ class OmicsPredictor:
         missing = [g for g in self.genes if g not in set(present)]
         return len(present) / len(self.genes), missing
 
-    def make_table(self, expression: pd.DataFrame, clinical: pd.DataFrame, *, normalized: bool = False) -> OmicsTable:
+    @property
+    def layer_features(self) -> dict[str, list[str]]:
+        """``{layer: features}`` of the model's further layers (empty for an expression-only model)."""
+        return {k: list(v) for k, v in (self.config.get("layers") or {}).items()}
+
+    def make_table(self, expression: pd.DataFrame, clinical: pd.DataFrame, *, normalized: bool = False,
+                   layers: dict[str, pd.DataFrame] | None = None) -> OmicsTable:
         """The model's input table for patients (rows of ``expression``; ``clinical`` indexed by patient_id
-        with cancer_type and optionally age, sex, os_days, os_event)."""
+        with cancer_type and optionally age, sex, os_days, os_event, stage, grade; ``layers``: raw cnv /
+        mutation matrices, patients × features, NaN or absent = not measured)."""
         from oncofm.cohort.normalize import apply_normalizer
+        from oncofm.omics.data import covariate_arrays, layer_pairs
         from oncofm.omics.features import build_pairs
 
         self._require_inputs()
@@ -201,7 +213,11 @@ class OmicsPredictor:
             age=clinical[Col.AGE].to_numpy(float) if Col.AGE in clinical else np.full(n, np.nan), sex=sex,
             time=clinical[Col.OS_DAYS].to_numpy(float) if Col.OS_DAYS in clinical else np.full(n, np.nan),
             event=clinical[Col.OS_EVENT].to_numpy(float) if Col.OS_EVENT in clinical else np.zeros(n),
-            split=np.full(n, "", dtype=object).astype(str), horizon_years=self.horizon_years)
+            split=np.full(n, "", dtype=object).astype(str), horizon_years=self.horizon_years,
+            layers={name: (feats, layer_pairs((layers or {}).get(name), pd.Index(ids), cancer.set_axis(ids),
+                                              self.coefficients, name, feats))
+                    for name, feats in self.layer_features.items()},
+            covariates=covariate_arrays(clinical, pd.Index(ids), self.encoder.covariates))
 
     # ------------------------------------------------------------------ the model
     def predict_table(self, table: OmicsTable, *, attributions: bool = True, progress: bool = False,
@@ -226,9 +242,15 @@ class OmicsPredictor:
                                attributions=attr)
 
     def predict_expression(self, expression: pd.Series | Mapping[str, float], *, cancer_type: str,
-                           age: float | None = None, sex: str | None = None, normalized: bool = False
-                           ) -> OmicsResult:
-        """One patient from a gene → expression mapping (raw values in the cohort's units unless ``normalized``)."""
+                           age: float | None = None, sex: str | None = None, normalized: bool = False,
+                           cnv: pd.Series | Mapping[str, float] | None = None,
+                           mutation: pd.Series | Mapping[str, float] | list[str] | None = None,
+                           stage: float | str | None = None, grade: float | str | None = None) -> OmicsResult:
+        """One patient from a gene → expression mapping (raw values in the cohort's units unless ``normalized``).
+
+        ``cnv``, ``mutation``, ``stage``, ``grade`` are used by a model trained with those inputs (each
+        optional: a missing one is masked / unknown) and validated (:func:`validate_layer_inputs`); an
+        expression-only model ignores them."""
         from oncofm.cohort.normalize import apply_normalizer
 
         self._require_inputs()
@@ -242,20 +264,37 @@ class OmicsPredictor:
             require_units(series, self.normalization, cancer_type, what="the expression profile")
         clinical = pd.DataFrame({Col.CANCER: [cancer_type], Col.AGE: [np.nan if age is None else float(age)],
                                  Col.SEX: [sex or ""]}, index=["patient"])
+        layers, covs = validate_layer_inputs(self.layer_features, cnv=cnv, mutation=mutation, stage=stage,
+                                             grade=grade)
+        for name in self.encoder.covariates:
+            clinical[name] = covs.get(name, np.nan)
         z = expr if normalized else apply_normalizer(expr, clinical[Col.CANCER], self.normalization)
-        out = self.predict_table(self.make_table(z, clinical, normalized=True))
+        table = self.make_table(z, clinical, normalized=True,
+                                layers={k: pd.DataFrame([v], index=["patient"]) for k, v in layers.items()})
+        out = self.predict_table(table)
         attributions = self._attribution_table(out.attributions[0], z.iloc[0], cancer_type)
+        layer_inputs = None
+        if table.layers:
+            rows = []
+            for name, (feats, values) in table.layers.items():
+                coef = layer_coefficients(self.coefficients, name, cancer_type).reindex(feats)
+                rows.append(pd.DataFrame({"layer": name, "feature": feats, "value": values[0, :, 0],
+                                          "coef": coef["coef"].to_numpy(float), "q": coef["q"].to_numpy(float)}))
+            layer_inputs = pd.concat(rows, ignore_index=True)
         return OmicsResult(prob=float(out.probs[0]), logit=float(out.logits[0]),
                            embedding=np.asarray(out.embeddings[0], dtype=np.float32), attributions=attributions,
                            n_present=n_present, n_model_genes=len(self.genes), missing_genes=missing,
-                           version=self.version)
+                           version=self.version, layer_inputs=layer_inputs,
+                           covariates={c: float(table.covariates[c][0]) for c in self.encoder.covariates})
 
     def predict(self, patient: PatientInput, workdir: Path | None = None) -> OmicsResult | None:
         """The patient's omics prediction, or ``None`` when the patient has no expression profile."""
         if patient.expression is None:
             return None
         return self.predict_expression(patient.expression, cancer_type=patient.cancer_type, age=patient.age,
-                                       sex=patient.sex)
+                                       sex=patient.sex, cnv=getattr(patient, "cnv", None),
+                                       mutation=getattr(patient, "mutation", None),
+                                       stage=getattr(patient, "stage", None), grade=getattr(patient, "grade", None))
 
     def _attribution_table(self, attribution: np.ndarray, z: pd.Series, cancer_type: str) -> pd.DataFrame:
         """gene, attribution, expression_z, coef, q sorted by |attribution| (largest first)."""
@@ -264,6 +303,68 @@ class OmicsPredictor:
     def coefficients_for(self, cancer_type: str) -> pd.DataFrame:
         """``gene, coef, q`` of the Cox table for ``cancer_type`` (the pan-cancer rows for an unseen type)."""
         return coefficients_for(self.coefficients, cancer_type)
+
+
+def validate_layer_inputs(features: dict[str, list[str]], *, cnv: Any = None, mutation: Any = None,
+                          stage: Any = None, grade: Any = None) -> tuple[dict[str, pd.Series], dict[str, float]]:
+    """A new patient's further inputs, checked: ``({layer: gene -> value}, {"stage": 1-4/NaN, "grade": ...})``.
+
+    CNV values must be finite numbers (copy-number levels as in the training cohort, e.g. GISTIC −2..2);
+    mutation status 0/1, or a list of mutated gene symbols (the model's other mutation features are then
+    wild-type, 0); stage and grade 1-4 or clinical text (``"Stage IIIA"``, ``"G3"``; see
+    :mod:`oncofm.cohort.clinical`). Raises :class:`~oncofm.errors.OncoFMError` saying what to fix.
+    """
+    from oncofm.cohort.clinical import parse_grade, parse_stage
+
+    layers: dict[str, pd.Series] = {}
+    if cnv is not None:
+        v = pd.Series(cnv)
+        num = pd.to_numeric(v, errors="coerce")
+        bad = v.index[(num.isna() & v.notna()) | np.isinf(num.fillna(0))].astype(str).tolist()
+        if bad:
+            raise OncoFMError(f"copy-number values must be numbers (levels as in the training cohort, e.g. -2..2); "
+                              f"not for {', '.join(bad[:5])}")
+        if (num.abs() > 10).any():
+            raise OncoFMError("copy-number values above 10 in absolute value: give levels (GISTIC -2..2, as the "
+                              f"training cohort), not copy numbers or segment means; e.g. {num.abs().idxmax()}="
+                              f"{num[num.abs().idxmax()]:g}")
+        num.index = num.index.astype(str)
+        layers["cnv"] = num
+    if mutation is not None:
+        if isinstance(mutation, (list, tuple, set)):
+            listed = {str(g) for g in mutation}
+            model = set(features.get("mutation", []))
+            v = pd.Series({g: 1.0 if g in listed else 0.0 for g in model | listed})
+        else:
+            v = pd.to_numeric(pd.Series(mutation), errors="coerce")
+            v.index = v.index.astype(str)
+        bad = v.index[v.notna() & ~v.isin([0.0, 1.0])].astype(str).tolist()
+        if bad:
+            raise OncoFMError(f"mutation status must be 0 (wild-type) or 1 (mutated), or give a list of mutated "
+                              f"genes; not for {', '.join(bad[:5])}")
+        layers["mutation"] = v
+    covs: dict[str, float] = {}
+    for name, value, parse in (("stage", stage, parse_stage), ("grade", grade, parse_grade)):
+        if value is None:
+            continue
+        parsed = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else parse(value)
+        if parsed is None or (np.isfinite(parsed) and parsed not in (1.0, 2.0, 3.0, 4.0)):
+            raise OncoFMError(f"{name} {value!r} is not recognised: give 1-4 or text like "
+                              f"{'Stage IIIA' if name == 'stage' else 'G3 / High Grade'}")
+        covs[name] = float(parsed)
+    return layers, covs
+
+
+def layer_coefficients(coefficients: pd.DataFrame | None, layer: str, cancer_type: str) -> pd.DataFrame:
+    """``coef, q`` by feature of one layer for ``cancer_type`` (the pan-cancer rows where the type has none)."""
+    from oncofm.survival.cox_stage import layer_rows
+
+    if coefficients is None:
+        return pd.DataFrame(columns=["coef", "q"])
+    c = layer_rows(coefficients, layer)
+    own = c[c[Col.CANCER].astype(str) == cancer_type].drop_duplicates("gene").set_index("gene")[["coef", "q"]]
+    pan = c[c[Col.CANCER].astype(str) == PAN_CANCER].drop_duplicates("gene").set_index("gene")[["coef", "q"]]
+    return own.combine_first(pan) if len(own) else pan
 
 
 def check_gene_coverage(genes: list[str], expression: pd.Series, min_fraction: float) -> tuple[int, list[str]]:
@@ -286,7 +387,9 @@ def check_gene_coverage(genes: list[str], expression: pd.Series, min_fraction: f
 
 def coefficients_for(coefficients: pd.DataFrame, cancer_type: str) -> pd.DataFrame:
     """``gene, coef, q`` of a Cox table for ``cancer_type`` (the pan-cancer rows for a type it lacks)."""
-    c = coefficients
+    from oncofm.survival.cox_stage import layer_rows
+
+    c = layer_rows(coefficients, "expression")
     own = c[c[Col.CANCER].astype(str) == cancer_type]
     if own.empty:
         own = c[c[Col.CANCER].astype(str) == PAN_CANCER]

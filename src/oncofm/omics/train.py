@@ -71,6 +71,11 @@ class OmicsTrainSettings(StageSettings):
     weight_decay: float = Field(1e-2, ge=0)
     patience: int = Field(5, ge=1)
     seed: int = 0
+    cnv_features: int = Field(0, ge=0, description="copy-number tokens: the best N CNV features of the training-"
+                              "split Cox table (0 = none)")
+    mutation_features: int = Field(0, ge=0, description="mutation tokens: the best N mutation features (0 = none)")
+    covariates: list[str] = Field(default_factory=list, description="clinical covariate tokens from the patients "
+                                  "table: stage, grade (1-4, unknown its own level); baselines get them too")
     baselines: list[str] = Field(default_factory=lambda: ["clinical", "logistic_l2", "coxnet", "hgb"])
     ig_steps: int = Field(8, ge=1, description="integrated-gradient steps per patient")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the AUC CI")
@@ -248,42 +253,40 @@ def save_model(arts: OmicsArtifacts, model: Any, config: dict[str, Any]) -> None
 
 
 # ---------------------------------------------------------------- the stage
-def _outputs_done(arts: OmicsArtifacts) -> bool:
-    return all(p.exists() for p in (arts.weights, arts.config, arts.metrics, arts.predictions, arts.embeddings,
-                                    arts.attributions))
+def settings_layers(settings: OmicsTrainSettings) -> dict[str, int]:
+    """``{"cnv": N, "mutation": M}`` of the further layers the settings ask for (0s left out)."""
+    return {k: v for k, v in (("cnv", settings.cnv_features), ("mutation", settings.mutation_features)) if v}
 
 
-def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
-    """Train, evaluate and export the omics model of ``settings.run``; returns the artifact paths."""
-    import shutil
+def load_settings_table(settings: OmicsTrainSettings) -> Any:
+    """The stage's :class:`~oncofm.omics.data.OmicsTable`: genes, further layers and covariates of ``settings``."""
+    from oncofm.errors import OncoFMError
+    from oncofm.omics.data import load_omics_table
 
+    unknown = sorted(set(settings.covariates) - {"stage", "grade"})
+    if unknown:
+        raise OncoFMError(f"unknown covariate(s) {unknown}: choose from stage, grade")
+    table = load_omics_table(settings.run, horizon_years=settings.horizon_years, max_genes=settings.max_genes,
+                             layers=settings_layers(settings), covariates=tuple(settings.covariates))
+    for c in settings.covariates:
+        if np.isnan(table.covariates[c]).all():
+            raise OncoFMError(f"covariate {c!r} is unknown for every patient of {settings.run}: re-import the cohort "
+                              "with stage/grade (`oncofm cohort import ... --redo`; tcga13 reads the TCGA-CDR table)")
+    return table
+
+
+def fit_omics_model(settings: OmicsTrainSettings, table: Any, training_dir: Path) -> tuple[Any, ...]:
+    """Fit the encoder, anchor and transformer on ``table``'s train split (validation picks the epoch).
+
+    Returns ``(model, encoder, arch, fit_result, anchor_chosen, accelerator)``; used by the stage and by
+    ``bench/ablation.py`` (so both train exactly the same model).
+    """
     import torch
 
-    from oncofm.io import write_json, write_parquet
-    from oncofm.omics.baselines import run_baselines
-    from oncofm.omics.data import ClinicalEncoder, OmicsDataset, load_omics_table
+    from oncofm.omics.data import ClinicalEncoder, OmicsDataset
     from oncofm.omics.model import create_model
-    from oncofm.omics.predict import OmicsPredictor
-    from oncofm.survival.metrics import evaluate_predictions
     from oncofm.training import TrainSettings, fit, make_accelerator
 
-    layout = RunLayout(settings.run)
-    arts = OmicsArtifacts.of(settings.run)
-    settings_file = layout.settings_file(STAGE)
-    outputs = arts.outputs()
-    from oncofm.config import check_stage
-
-    if _outputs_done(arts) and check_stage(settings, settings_file, [], ignore=("redo", "progress"), on_change="redo",
-                                           what=f"the omics model in {arts.dir}"):
-        log.info("omics model already trained in %s with these settings (use --redo to retrain)", arts.dir)
-        return outputs
-    if settings.redo and arts.training_dir.exists():
-        shutil.rmtree(arts.training_dir)
-
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    t_start = time.perf_counter()
-    table = load_omics_table(settings.run, horizon_years=settings.horizon_years, max_genes=settings.max_genes)
     train, val, test = (table.where_split(s) for s in ("train", "val", "test"))
     if min(len(train), len(val), len(test)) == 0:
         from oncofm.errors import OncoFMError
@@ -299,6 +302,10 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
             "n_layers": settings.n_layers, "n_heads": settings.n_heads, "ffn_factor": settings.ffn_factor,
             "dropout": settings.dropout, "attention_dropout": settings.attention_dropout,
             "linear_skip": settings.linear_skip or settings.anchor != "none", "gene_dropout": settings.gene_dropout}
+    if table.layers:  # only then, so a model without further inputs keeps its old architecture record
+        arch["layers"] = {k: len(f) for k, (f, _) in table.layers.items()}
+    if encoder.covariates:
+        arch["covariates"] = list(encoder.covariates)
     model = create_model(settings.model, **arch)
     anchor_chosen = None
     if settings.anchor != "none":
@@ -315,7 +322,47 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
                                    progress=settings.progress)
     accelerator = make_accelerator(train_settings)
     result = fit(model, OmicsDataset(train, encoder), OmicsDataset(val, encoder), OmicsTask(settings.cox_weight, settings.cox_stratified),
-                 train_settings, arts.training_dir, accelerator=accelerator)
+                 train_settings, training_dir, accelerator=accelerator)
+    return model, encoder, arch, result, anchor_chosen, accelerator
+
+
+def _outputs_done(arts: OmicsArtifacts) -> bool:
+    return all(p.exists() for p in (arts.weights, arts.config, arts.metrics, arts.predictions, arts.embeddings,
+                                    arts.attributions))
+
+
+def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
+    """Train, evaluate and export the omics model of ``settings.run``; returns the artifact paths."""
+    import shutil
+
+    import torch
+
+    from oncofm.io import write_json, write_parquet
+    from oncofm.omics.baselines import run_baselines
+    from oncofm.omics.predict import OmicsPredictor
+    from oncofm.survival.metrics import evaluate_predictions
+
+    layout = RunLayout(settings.run)
+    arts = OmicsArtifacts.of(settings.run)
+    settings_file = layout.settings_file(STAGE)
+    outputs = arts.outputs()
+    from oncofm.config import check_stage
+
+    if _outputs_done(arts) and check_stage(settings, settings_file, [], ignore=("redo", "progress"), on_change="redo",
+                                           what=f"the omics model in {arts.dir}"):
+        log.info("omics model already trained in %s with these settings (use --redo to retrain)", arts.dir)
+        return outputs
+    # checkpoints of a model made with other settings must not be resumed (only an interrupted run of these)
+    stale = settings_file.exists() and not settings.same_as_saved(settings_file, ignore=("redo", "progress"))
+    if (settings.redo or stale) and arts.training_dir.exists():
+        shutil.rmtree(arts.training_dir)
+
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    t_start = time.perf_counter()
+    table = load_settings_table(settings)
+    train, val, test = (table.where_split(s) for s in ("train", "val", "test"))
+    model, encoder, arch, result, anchor_chosen, accelerator = fit_omics_model(settings, table, arts.training_dir)
     train_seconds = time.perf_counter() - t_start
     if not accelerator.is_main_process:  # DDP: rank 0 evaluates and writes
         return outputs
@@ -361,6 +408,7 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
                                 "attribution": exported.attributions.reshape(-1)}), arts.attributions)
 
     config = {"model": settings.model, "architecture": arch, "genes": table.genes,
+              **({"layers": {k: list(f) for k, (f, _) in table.layers.items()}} if table.layers else {}),
               "clinical": encoder.to_dict(), "horizon_years": settings.horizon_years, "ig_steps": settings.ig_steps,
               "best_epoch": result.best_epoch, "source_run": str(Path(settings.run).resolve())}
     save_model(arts, model, config)

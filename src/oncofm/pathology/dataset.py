@@ -108,13 +108,20 @@ class PatchDataset:
         A :class:`PatchAugment` (``True`` = defaults), for training.
     slide_mpp
         Level-0 µm/px to open the slide with when its file has none (default: the value saved at tiling).
+    as_uint8
+        Items as ``(3, S, S)`` uint8 tensors (no augmentation or transform): a quarter of the bytes to pass
+        from DataLoader workers; the encoder converts them (feature extraction, :mod:`oncofm.pathology.extract`).
 
     Items are ``(3, S, S)`` float32 tensors in [0, 1]; :attr:`coords` holds the matching level-0 (x, y).
     """
 
     def __init__(self, h5_path: str | Path, transform: Callable[[Any], Any] | None = None,
                  stain_normalizer: MacenkoNormalizer | bool | None = None,
-                 augment: PatchAugment | bool | None = None, slide_mpp: float | None = None) -> None:
+                 augment: PatchAugment | bool | None = None, slide_mpp: float | None = None,
+                 as_uint8: bool = False) -> None:
+        if as_uint8 and (transform is not None or augment):
+            raise ValueError("as_uint8 patches take no transform or augmentation (they work on float tensors)")
+        self.as_uint8 = as_uint8
         self.grid = load_grid(h5_path)
         self.transform = transform
         self.stain_normalizer = MacenkoNormalizer() if stain_normalizer is True else (stain_normalizer or None)
@@ -155,6 +162,8 @@ class PatchDataset:
         import torch
 
         rgb = self.read_rgb(index)
+        if self.as_uint8:
+            return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (3, S, S) uint8
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
         if self.augment is not None:
             x = self.augment(x)

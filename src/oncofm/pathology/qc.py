@@ -1,4 +1,5 @@
-"""QC image of a tiled slide: thumbnail, tissue outline (green), ink outline (red), kept patches (blue)."""
+"""QC image of a tiled slide: thumbnail, tissue outline (green), ink outline (red), areas ink encloses
+(yellow), kept patches (blue)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 
 def write_qc_png(slide: SlideReader, masks: TissueMask, coords: np.ndarray, plan: GridPlan, target: Path,
                  max_size: int = 1024) -> Path:
-    """Thumbnail with the tissue outline (green), ink (red) and the kept patch grid (blue boxes)."""
+    """Thumbnail with the tissue outline (green), ink (red), what ink encloses (yellow) and the kept patch grid
+    (blue boxes)."""
     from PIL import Image, ImageDraw
     from scipy import ndimage as ndi
 
@@ -32,6 +34,8 @@ def write_qc_png(slide: SlideReader, masks: TissueMask, coords: np.ndarray, plan
     arr = np.asarray(thumb).copy()
     arr[outline(masks.tissue)] = (0, 200, 0)
     arr[outline(masks.ink)] = (230, 0, 0)
+    if masks.enclosed is not None and masks.enclosed.any():
+        arr[outline(masks.enclosed)] = (240, 200, 0)
     img = Image.fromarray(arr)
     draw = ImageDraw.Draw(img)
     side = plan.level0_size / ds

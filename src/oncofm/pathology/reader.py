@@ -8,6 +8,11 @@ Backends (tried in this order, first that fits wins):
   sees only their base level), untiled (strip) TIFFs, OME-TIFF. Regions are decoded tile by tile, so a
   region read never loads a whole level.
 - ``image`` — plain images (JPEG, PNG, BMP, ...) through Pillow; these are small and are decoded once.
+- ``dicom`` — DICOM VL Whole Slide Microscopy files and folders that OpenSlide refuses or only partly reads
+  (:class:`DicomReader`: pydicom for the headers, imagecodecs for the frames; several instances per level,
+  frames in any order, missing optional attributes such as ImageType). A DICOM file goes to OpenSlide when it
+  opens it with every level, else to this reader; a folder always to this reader. Its errors say whether the
+  file is corrupt, truncated, or valid DICOM of a variant it does not read (named).
 
 Every reader exposes ``dimensions``, ``level_count``, ``level_dimensions``, ``level_downsamples``, ``mpp``
 (level-0 microns per pixel), ``vendor``, ``read_region(location, level, size) -> (h, w, 3) uint8 RGB`` and
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -324,9 +331,549 @@ class ImageReader(SlideReader):
 
 
 # ----------------------------------------------------------------------------------------------------------
-def _choose_backend(path: Path) -> type[SlideReader]:
+# DICOM VL Whole Slide Microscopy without OpenSlide (pydicom for the headers; frames decoded one by one)
+#: SOP class of DICOM whole-slide images.
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: Transfer syntaxes whose frames :class:`DicomReader` decodes, and how.
+DICOM_CODECS: dict[str, str] = {
+    "1.2.840.10008.1.2": "native", "1.2.840.10008.1.2.1": "native",
+    "1.2.840.10008.1.2.4.50": "jpeg", "1.2.840.10008.1.2.4.51": "jpeg",
+    "1.2.840.10008.1.2.4.57": "ljpeg", "1.2.840.10008.1.2.4.70": "ljpeg",
+    "1.2.840.10008.1.2.4.80": "jpegls", "1.2.840.10008.1.2.4.81": "jpegls",
+    "1.2.840.10008.1.2.4.90": "jpeg2k", "1.2.840.10008.1.2.4.91": "jpeg2k",
+    "1.2.840.10008.1.2.4.201": "jpeg2k", "1.2.840.10008.1.2.4.202": "jpeg2k",
+    "1.2.840.10008.1.2.4.203": "jpeg2k",
+    "1.2.840.10008.1.2.4.110": "jpegxl", "1.2.840.10008.1.2.4.111": "jpegxl",
+    "1.2.840.10008.1.2.4.112": "jpegxl",
+}
+_ITEM, _SEQ_END = 0xE000FFFE, 0xE0DDFFFE  # (FFFE,E000) item, (FFFE,E0DD) sequence delimiter, as LE uint32
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def is_dicom(path: str | Path) -> bool:
+    """True for a DICOM Part 10 file ('DICM' at byte 128)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(str(uid)).name
+    return f"{name} ({uid})" if name and name != str(uid) else str(uid)
+
+
+@dataclass
+class _DicomInstance:
+    """One DICOM file of a slide: its header facts and where each frame's bytes are."""
+
+    path: Path
+    series_uid: str
+    cols: int  # TotalPixelMatrixColumns
+    rows: int  # TotalPixelMatrixRows
+    tile_w: int  # Columns
+    tile_h: int  # Rows
+    n_frames: int
+    codec: str
+    transfer_syntax: str
+    photometric: str
+    planar: int
+    spp: int
+    image_type: tuple[str, ...]
+    spacing_mm: float | None
+    positions: np.ndarray  # (n_frames, 2) int64 tile (col, row) of each frame
+    offsets: np.ndarray | None = None  # (n_frames,) byte offset of each frame in the file
+    lengths: np.ndarray | None = None  # (n_frames,) byte length
+    fragments: list[list[tuple[int, int]]] | None = None  # frames made of several fragments
+
+
+def _dicom_error(path: Path, kind: str, detail: str) -> OncoFMError:
+    fixes = {
+        "corrupt": "the file is damaged; copy it again from the scanner or PACS",
+        "truncated": "the file is incomplete (an interrupted copy or download); copy it again",
+        "unsupported": "the file is valid DICOM but OncoFM cannot read this variant; convert it (e.g. to "
+                       "JPEG-baseline DICOM WSI with wsidicomizer/dcm2wsi, or to a pyramidal TIFF with vips)",
+    }
+    label = {"corrupt": "corrupt DICOM", "truncated": "truncated DICOM",
+             "unsupported": "DICOM variant not supported"}[kind]
+    return OncoFMError(f"{path}: {label}: {detail}; {fixes[kind]}")
+
+
+def _read_dicom_header(path: Path) -> tuple[Any, int]:
+    """(dataset without pixel data, byte offset of the PixelData element or -1), with one error per cause."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            pos = fh.tell()
+            head = fh.read(4)
+    except InvalidDicomError as exc:
+        raise _dicom_error(path, "corrupt", f"not a DICOM file ({exc})") from None
+    except (EOFError, struct.error) as exc:
+        raise _dicom_error(path, "truncated", f"the header ends early ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # pydicom raises many types on damaged headers
+        kind = "truncated" if "end of file" in str(exc).lower() or "eof" in str(exc).lower() else "corrupt"
+        raise _dicom_error(path, kind, f"the header cannot be parsed ({type(exc).__name__}: {exc})") from None
+    if head != _PIXEL_DATA_TAG:
+        if pos >= size:
+            return ds, -1
+        raise _dicom_error(path, "corrupt", f"unexpected bytes {head!r} where the pixel data should start "
+                           f"(byte {pos})")
+    return ds, pos
+
+
+def _dicom_tile_positions(path: Path, ds: Any, n_frames: int, tile_w: int, tile_h: int, cols: int, rows: int
+                          ) -> np.ndarray:
+    """(n_frames, 2) tile (col, row) of every frame: from per-frame plane positions (TILED_SPARSE, any order),
+    else row-major (TILED_FULL, with the concatenation's frame offset)."""
+    across, down = -(-cols // tile_w), -(-rows // tile_h)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    organisation = str(ds.get("DimensionOrganizationType", "")).upper()
+    if per_frame is not None and len(per_frame) and organisation != "TILED_FULL":
+        if len(per_frame) != n_frames:
+            raise _dicom_error(path, "corrupt", f"{len(per_frame)} per-frame groups for {n_frames} frames")
+        pos = np.empty((n_frames, 2), np.int64)
+        for i, group in enumerate(per_frame):
+            try:
+                plane = group.PlanePositionSlideSequence[0]
+                x = int(plane.ColumnPositionInTotalImagePixelMatrix) - 1
+                y = int(plane.RowPositionInTotalImagePixelMatrix) - 1
+            except (AttributeError, IndexError, TypeError, ValueError):
+                raise _dicom_error(path, "unsupported", f"frame {i + 1} has no PlanePositionSlideSequence "
+                                   "position in the total pixel matrix") from None
+            if x % tile_w or y % tile_h:
+                raise _dicom_error(path, "unsupported", f"frame {i + 1} at ({x}, {y}) is not on the "
+                                   f"{tile_w}x{tile_h} tile grid (overlapping or shifted tiles)")
+            pos[i] = (x // tile_w, y // tile_h)
+        return pos
+    start = int(ds.get("ConcatenationFrameOffsetNumber", 0) or 0)
+    index = np.arange(start, start + n_frames, dtype=np.int64) % (across * down)  # first focal plane / path
+    return np.stack([index % across, index // across], axis=1)
+
+
+def _scan_fragments(path: Path, fh: Any, start: int, size: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Fragments (offset, length) of encapsulated pixel data whose value starts at ``start``, and the basic
+    offset table; reads only the 8-byte item headers."""
+
+    def item(at: int) -> tuple[int, int]:
+        fh.seek(at)
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise _dicom_error(path, "truncated", f"the pixel data ends at byte {size} inside its item list")
+        return struct.unpack("<II", raw)
+
+    tag, length = item(start)
+    if tag != _ITEM:
+        raise _dicom_error(path, "corrupt", f"the encapsulated pixel data does not start with an item (byte {start})")
+    fh.seek(start + 8)
+    bot_raw = fh.read(length)
+    if len(bot_raw) < length:
+        raise _dicom_error(path, "truncated", "the file ends inside the basic offset table")
+    bot = list(struct.unpack(f"<{length // 4}I", bot_raw)) if length else []
+    at = start + 8 + length
+    fragments: list[tuple[int, int]] = []
+    while True:
+        if at + 8 > size:
+            raise _dicom_error(path, "truncated", f"the file ends after {len(fragments)} pixel-data fragments "
+                               f"(byte {size}), before the sequence delimiter")
+        tag, length = item(at)
+        if tag == _SEQ_END:
+            break
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            raise _dicom_error(path, "corrupt", f"bad item tag {tag:#010x} in the pixel data at byte {at}")
+        if at + 8 + length > size:
+            raise _dicom_error(path, "truncated", f"fragment {len(fragments) + 1} needs {length} bytes from byte "
+                               f"{at + 8} but the file has {size} bytes")
+        fragments.append((at + 8, length))
+        at += 8 + length
+    return fragments, bot
+
+
+def _group_fragments(path: Path, fh: Any, fragments: list[tuple[int, int]], bot: list[int], ds: Any,
+                     n_frames: int, codec: str) -> list[list[tuple[int, int]]]:
+    """Fragments per frame: one each; by the (extended) offset table; or by the codec's start-of-image marker."""
+    if len(fragments) == n_frames:
+        return [[f] for f in fragments]
+    if n_frames == 1:
+        return [fragments]
+    first = fragments[0][0] - 8 if fragments else 0
+    table: list[int] = list(bot)
+    if not table and "ExtendedOffsetTable" in ds:
+        table = list(np.frombuffer(ds.ExtendedOffsetTable, "<u8").astype(np.int64))
+    if len(table) == n_frames:
+        starts = [first + int(t) for t in table]
+        groups: list[list[tuple[int, int]]] = [[] for _ in range(n_frames)]
+        for frag in fragments:
+            k = int(np.searchsorted(starts, frag[0] - 8, side="right")) - 1
+            groups[max(k, 0)].append(frag)
+        if all(groups):
+            return groups
+    markers = {"jpeg": b"\xff\xd8", "ljpeg": b"\xff\xd8", "jpegls": b"\xff\xd8", "jpeg2k": b"\xff\x4f"}
+    marker = markers.get(codec)
+    if marker is not None:
+        groups = []
+        for off, length in fragments:
+            fh.seek(off)
+            if fh.read(2) == marker or not groups:
+                groups.append([])
+            groups[-1].append((off, length))
+        if len(groups) == n_frames:
+            return groups
+    raise _dicom_error(path, "unsupported" if len(fragments) > n_frames else "truncated",
+                       f"{len(fragments)} pixel-data fragments for {n_frames} frames and no offset table that "
+                       "maps them to frames")
+
+
+def _dicom_instance(path: Path) -> _DicomInstance | None:
+    """The header facts of one DICOM WSI file; ``None`` for a label or overview image. Raises naming the cause."""
+    ds, pixel_at = _read_dicom_header(path)
+    sop = str(ds.get("SOPClassUID", ds.file_meta.get("MediaStorageSOPClassUID", "")))
+    if sop != WSI_SOP_CLASS:
+        raise _dicom_error(path, "unsupported", f"SOP class {_uid_name(sop) or '(none)'} is not VL Whole Slide "
+                           "Microscopy Image Storage")
+    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
+    if len(image_type) >= 3 and image_type[2] in ("LABEL", "OVERVIEW", "MACRO"):
+        return None
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if ts not in DICOM_CODECS:
+        raise _dicom_error(path, "unsupported", f"transfer syntax {_uid_name(ts) or '(none)'}")
+    bits = int(ds.get("BitsAllocated", 8))
+    spp = int(ds.get("SamplesPerPixel", 3))
+    photometric = str(ds.get("PhotometricInterpretation", "RGB")).upper()
+    if bits != 8:
+        raise _dicom_error(path, "unsupported", f"{bits}-bit samples (BitsAllocated); only 8-bit slides are read")
+    if photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "MONOCHROME2"):
+        raise _dicom_error(path, "unsupported", f"PhotometricInterpretation {photometric}")
+    try:
+        tile_w, tile_h = int(ds.Columns), int(ds.Rows)
+    except AttributeError:
+        raise _dicom_error(path, "corrupt", "no Rows/Columns") from None
+    cols = int(ds.get("TotalPixelMatrixColumns", tile_w))
+    rows = int(ds.get("TotalPixelMatrixRows", tile_h))
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spacing = None
+    for seq in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            row_mm, col_mm = (float(v) for v in ds[seq][0].PixelMeasuresSequence[0].PixelSpacing)
+            spacing = (row_mm + col_mm) / 2  # as OpenSlide: the mean of the two spacings
+            break
+        except (KeyError, AttributeError, IndexError, TypeError, ValueError):
+            continue
+    if spacing is None and ds.get("ImagedVolumeWidth") and cols:
+        spacing = float(ds.ImagedVolumeWidth) / cols
+    positions = _dicom_tile_positions(path, ds, n_frames, tile_w, tile_h, cols, rows)
+    inst = _DicomInstance(path=path, series_uid=str(ds.get("SeriesInstanceUID", "")), cols=cols, rows=rows,
+                          tile_w=tile_w, tile_h=tile_h, n_frames=n_frames, codec=DICOM_CODECS[ts],
+                          transfer_syntax=ts, photometric=photometric, planar=int(ds.get("PlanarConfiguration", 0)),
+                          spp=spp, image_type=image_type, spacing_mm=spacing, positions=positions)
+    _locate_frames(inst, ds, pixel_at)
+    return inst
+
+
+def _locate_frames(inst: _DicomInstance, ds: Any, pixel_at: int) -> None:
+    """Fill ``inst.offsets``/``lengths`` (or ``fragments``): where each frame's bytes are in the file."""
+    path, ts, n_frames = inst.path, inst.transfer_syntax, inst.n_frames
+    size = path.stat().st_size
+    if pixel_at < 0:
+        raise _dicom_error(path, "truncated", "the file ends before its pixel data")
+    with open(path, "rb") as fh:
+        fh.seek(pixel_at + 4)
+        explicit = ts != "1.2.840.10008.1.2"
+        if explicit:
+            vr = fh.read(2)
+            fh.read(2)
+            (length,) = struct.unpack("<I", fh.read(4))
+            value_at = pixel_at + 12
+            if vr not in (b"OB", b"OW", b"UN"):
+                raise _dicom_error(path, "corrupt", f"PixelData has VR {vr!r}")
+        else:
+            (length,) = struct.unpack("<I", fh.read(4))
+            value_at = pixel_at + 8
+        if inst.codec == "native":
+            frame_bytes = inst.tile_w * inst.tile_h * inst.spp
+            if length == 0xFFFFFFFF:
+                raise _dicom_error(path, "corrupt", "native pixel data with an undefined length")
+            if value_at + frame_bytes * n_frames > size:
+                raise _dicom_error(path, "truncated", f"{n_frames} frames need {frame_bytes * n_frames} bytes from "
+                                   f"byte {value_at} but the file has {size} bytes")
+            inst.offsets = value_at + np.arange(n_frames, dtype=np.int64) * frame_bytes
+            inst.lengths = np.full(n_frames, frame_bytes, np.int64)
+        else:
+            if length != 0xFFFFFFFF:
+                raise _dicom_error(path, "corrupt", "compressed pixel data must be encapsulated (undefined length)")
+            fragments, bot = _scan_fragments(path, fh, value_at, size)
+            groups = _group_fragments(path, fh, fragments, bot, ds, n_frames, inst.codec)
+            if all(len(g) == 1 for g in groups):
+                inst.offsets = np.array([g[0][0] for g in groups], np.int64)
+                inst.lengths = np.array([g[0][1] for g in groups], np.int64)
+            else:
+                inst.fragments = groups
+
+
+def dicom_series_files(path: str | Path) -> list[Path]:
+    """The files of the DICOM slide at ``path``: every DICOM file of a folder (one level deep), or a file and
+    the files beside it of the same series (SeriesInstanceUID)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and
+                       (p.suffix.lower() == ".dcm" or is_dicom(p)))
+        if not files:
+            raise OncoFMError(f"{path} holds no DICOM files")
+        return files
+    uid = _series_uid(path)
+    siblings = [path]
+    if uid:
+        for p in sorted(path.parent.iterdir()):
+            if p != path and p.is_file() and (p.suffix.lower() == ".dcm" or is_dicom(p)) and _series_uid(p) == uid:
+                siblings.append(p)
+    return siblings
+
+
+def _series_uid(path: Path) -> str | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        return str(ds.SeriesInstanceUID)
+    except Exception:
+        return None
+
+
+@dataclass
+class _DicomLevel:
+    cols: int
+    rows: int
+    tile_w: int
+    tile_h: int
+    instances: list[_DicomInstance]
+    frame_of: np.ndarray  # (down, across, 2) int32: (instance index, frame index), -1 = no frame (white)
+
+
+class DicomReader(SlideReader):
+    """DICOM VL Whole Slide Microscopy files and folders, read with pydicom (headers) and imagecodecs / Pillow
+    (frames), including what OpenSlide refuses: several instances per level, frames in any order
+    (TILED_SPARSE with per-frame positions, e.g. column order), no ImageType, no pixel spacing (then
+    ``--slide-mpp``). Label and overview images are left out; of several focal planes the first is read."""
+
+    backend = "dicom"
+
+    def __init__(self, path: str | Path, cache_frames: int = 64) -> None:
+        super().__init__(path)
+        instances: list[_DicomInstance] = []
+        skipped = 0
+        for f in dicom_series_files(self.path):
+            inst = _dicom_instance(f)
+            if inst is None:
+                skipped += 1
+            else:
+                instances.append(inst)
+        if not instances:
+            raise _dicom_error(self.path, "unsupported", "only label/overview images, no slide image")
+        series = {i.series_uid for i in instances}
+        if len(series) > 1:  # a folder of several slides: take the largest, say so
+            biggest = max(instances, key=lambda i: i.cols * i.rows).series_uid
+            log.warning("%s holds %d DICOM series; reading the largest (%s)", self.path, len(series), biggest)
+            instances = [i for i in instances if i.series_uid == biggest]
+        base = max(instances, key=lambda i: i.cols * i.rows)
+        aspect = base.cols / base.rows
+        by_size: dict[tuple[int, int], list[_DicomInstance]] = {}
+        for inst in instances:
+            # without ImageType, an image of another shape than the slide (a label or overview) is no level
+            if not inst.image_type and abs(inst.cols / inst.rows - aspect) / aspect > 0.05:
+                skipped += 1
+                continue
+            by_size.setdefault((inst.cols, inst.rows), []).append(inst)
+        self._levels: list[_DicomLevel] = []
+        for (cols, rows), insts in sorted(by_size.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+            tw, th = insts[0].tile_w, insts[0].tile_h
+            if any((i.tile_w, i.tile_h) != (tw, th) for i in insts):
+                raise _dicom_error(self.path, "unsupported", f"instances of the {cols}x{rows} level have different "
+                                   "tile sizes")
+            across, down = -(-cols // tw), -(-rows // th)
+            frame_of = np.full((down, across, 2), -1, np.int32)
+            for k, inst in enumerate(insts):
+                ok = (inst.positions[:, 0] < across) & (inst.positions[:, 1] < down)
+                if not ok.all():
+                    raise _dicom_error(inst.path, "corrupt", "frame positions outside the total pixel matrix")
+                frame_of[inst.positions[:, 1], inst.positions[:, 0], 0] = k
+                frame_of[inst.positions[:, 1], inst.positions[:, 0], 1] = np.arange(inst.n_frames)
+            self._levels.append(_DicomLevel(cols, rows, tw, th, insts, frame_of))
+        self.level_dimensions = tuple((lv.cols, lv.rows) for lv in self._levels)
+        self.level_downsamples = tuple(base.cols / lv.cols * 0.5 + base.rows / lv.rows * 0.5 for lv in self._levels)
+        spacing = base.spacing_mm if base in self._levels[0].instances else self._levels[0].instances[0].spacing_mm
+        self.metadata_mpp = spacing * 1000.0 if spacing else None
+        self.vendor = "dicom"
+        self.properties = {"dicom.SeriesInstanceUID": base.series_uid, "dicom.instances": str(len(instances)),
+                           "dicom.transfer_syntax": _uid_name(base.transfer_syntax),
+                           "dicom.skipped_images": str(skipped)}
+        self._handles: dict[Path, Any] = {}
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[int, int, int], np.ndarray] = {}
+        frame_bytes = max(lv.tile_w * lv.tile_h * 3 for lv in self._levels)
+        self._cache_size = max(4, min(cache_frames, (64 << 20) // frame_bytes))  # at most ~64 MB of frames
+
+    # -- frames ---------------------------------------------------------------------------------------------
+    def _frame_bytes(self, inst: _DicomInstance, index: int) -> bytes:
+        with self._lock:
+            fh = self._handles.get(inst.path)
+            if fh is None:
+                fh = self._handles[inst.path] = open(inst.path, "rb")  # noqa: SIM115 - closed in close()
+            if inst.fragments is not None:
+                parts = []
+                for off, length in inst.fragments[index]:
+                    fh.seek(off)
+                    parts.append(fh.read(length))
+                return b"".join(parts)
+            assert inst.offsets is not None and inst.lengths is not None
+            fh.seek(int(inst.offsets[index]))
+            return fh.read(int(inst.lengths[index]))
+
+    def _decode(self, inst: _DicomInstance, index: int) -> np.ndarray:
+        data = self._frame_bytes(inst, index)
+        try:
+            arr = _decode_frame(data, inst)
+        except OncoFMError:
+            raise
+        except Exception as exc:
+            raise _dicom_error(inst.path, "corrupt", f"frame {index + 1} of {inst.n_frames} does not decode "
+                               f"({type(exc).__name__}: {exc})") from None
+        return arr
+
+    def _tile(self, level: int, tx: int, ty: int) -> np.ndarray | None:
+        key = (level, tx, ty)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        lv = self._levels[level]
+        k, frame = (int(v) for v in lv.frame_of[ty, tx])
+        if k < 0:
+            return None
+        tile = self._decode(lv.instances[k], frame)
+        if len(self._cache) >= self._cache_size:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = tile
+        return tile
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        lv = self._levels[level]
+        ds = self.level_downsamples[level]
+        lx, ly, x0, y0, x1, y1 = _clip_request(location, ds, size, self.level_dimensions[level])
+        out = np.full((int(size[1]), int(size[0]), 3), 255, np.uint8)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = lv.tile_w, lv.tile_h
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                seg = self._tile(level, tx, ty)
+                if seg is None:
+                    continue  # no frame here (sparse): white
+                sy0, sx0 = ty * th, tx * tw
+                iy0, iy1 = max(y0, sy0), min(y1, sy0 + seg.shape[0])
+                ix0, ix1 = max(x0, sx0), min(x1, sx0 + seg.shape[1])
+                out[iy0 - ly:iy1 - ly, ix0 - lx:ix1 - lx] = seg[iy0 - sy0:iy1 - sy0, ix0 - sx0:ix1 - sx0]
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for fh in self._handles.values():
+                fh.close()
+            self._handles.clear()
+            self._cache.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"], state["_cache"], state["_lock"] = {}, {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _decode_frame(data: bytes, inst: _DicomInstance) -> np.ndarray:
+    """One frame as (tile_h, tile_w, 3) uint8 RGB."""
+    h, w, spp = inst.tile_h, inst.tile_w, inst.spp
+    if inst.codec == "native":
+        arr = np.frombuffer(data, np.uint8)
+        arr = arr.reshape(spp, h, w).transpose(1, 2, 0) if inst.planar == 1 and spp > 1 else arr.reshape(h, w, spp)
+        if inst.photometric.startswith("YBR_FULL") and spp == 3:
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, "YBR_FULL", "RGB")
+    else:
+        import imagecodecs
+
+        if inst.codec == "jpeg":
+            # RGB-photometric JPEG (no colour transform) must not be converted from YCbCr again
+            colorspace = "RGB" if inst.photometric == "RGB" and spp == 3 else None
+            arr = imagecodecs.jpeg8_decode(data, colorspace=colorspace, outcolorspace="RGB" if colorspace else None) \
+                if colorspace else imagecodecs.jpeg8_decode(data)
+        elif inst.codec == "ljpeg":
+            arr = imagecodecs.ljpeg_decode(data)
+        elif inst.codec == "jpegls":
+            arr = imagecodecs.jpegls_decode(data)
+        elif inst.codec == "jpeg2k":
+            arr = imagecodecs.jpeg2k_decode(data)
+        else:
+            arr = imagecodecs.jpegxl_decode(data)
+        arr = np.asarray(arr)
+        if inst.codec in ("ljpeg", "jpegls") and inst.photometric.startswith("YBR_FULL") and arr.ndim == 3:
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, "YBR_FULL", "RGB")
+    arr = _to_rgb(np.asarray(arr, np.uint8))
+    if arr.shape[0] != h or arr.shape[1] != w:  # an edge frame stored smaller: pad with white
+        full = np.full((h, w, 3), 255, np.uint8)
+        full[:min(h, arr.shape[0]), :min(w, arr.shape[1])] = arr[:h, :w]
+        arr = full
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------------------
+#: Backends by name (``open_slide(..., backend=NAME)``).
+BACKENDS: dict[str, type[SlideReader]] = {"openslide": OpenSlideReader, "tifffile": TiffFileReader,
+                                          "image": ImageReader, "dicom": DicomReader}
+
+
+def _open_dicom(path: Path) -> SlideReader:
+    """A DICOM slide: OpenSlide when it opens the file and sees as many levels as pydicom does (its C decoder
+    is faster), else :class:`DicomReader` (folders, files OpenSlide refuses, levels it misses)."""
     import openslide
 
+    if path.is_dir():
+        return DicomReader(path)
+    try:
+        osl = OpenSlideReader(path)
+    except OncoFMError as exc:
+        log.debug("OpenSlide refuses %s (%s); reading it with pydicom", path, exc)
+        return DicomReader(path)
+    except openslide.OpenSlideError:
+        return DicomReader(path)
+    if len(dicom_series_files(path)) == 1:  # one file: OpenSlide has read all of it
+        return osl
+    try:
+        own = DicomReader(path)
+    except OncoFMError:
+        return osl
+    if own.level_count > osl.level_count:
+        osl.close()
+        return own
+    own.close()
+    return osl
+
+
+def _choose_backend(path: Path) -> Any:
+    import openslide
+
+    if path.is_dir() or is_dicom(path) or path.suffix.lower() == ".dcm":
+        return _open_dicom
     fmt = openslide.OpenSlide.detect_format(str(path))
     is_tiff = _is_tiff(path)
     if fmt is not None and fmt != "generic-tiff":
@@ -359,15 +906,18 @@ def _is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+def open_slide(path: str | Path, mpp: float | None = None, backend: str | None = None) -> SlideReader:
     """Open a whole-slide image or plain image behind one interface.
 
     Parameters
     ----------
     path
-        Any OpenSlide format, a (pyramidal or plain) TIFF, or a plain image (JPEG, PNG, ...).
+        Any OpenSlide format, a (pyramidal or plain) TIFF, a plain image (JPEG, PNG, ...), or a DICOM WSI
+        file or folder (one slide's ``.dcm`` files).
     mpp
         Microns per pixel of level 0, used when the file's metadata has no plausible value (``--slide-mpp``).
+    backend
+        Force a backend (a key of :data:`BACKENDS`); default: chosen from the file.
 
     Raises
     ------
@@ -375,15 +925,21 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         The file is missing, unreadable, or has no usable mpp and none was given.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        if not any(is_dicom(p) or p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file()):
+            raise OncoFMError(f"{path} is a folder without DICOM files; pass a slide file (or a folder holding "
+                              "one DICOM slide's .dcm files)")
+    elif not path.is_file():
         raise OncoFMError(f"slide {path} does not exist")
-    if path.stat().st_size == 0:
+    elif path.stat().st_size == 0:
         raise OncoFMError(f"{path}: empty file")
     if mpp is not None and not plausible_mpp(mpp):
         raise OncoFMError(f"{MPP_FLAG} {mpp} is outside the plausible range {MPP_RANGE} µm/px")
-    backend = _choose_backend(path)
+    if backend is not None and backend not in BACKENDS:
+        raise OncoFMError(f"unknown slide backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    opener = BACKENDS[backend] if backend else _choose_backend(path)
     try:
-        reader = backend(path)
+        reader = opener(path)
     except OncoFMError:
         raise
     except Exception as exc:
@@ -408,7 +964,8 @@ def find_slides(source: str | Path) -> list[Path]:
     """A single slide, or every slide-like file (by suffix) directly inside a folder, sorted.
 
     MIRAX companion folders and hidden/temporary files are skipped; of the .dcm files of one DICOM series
-    (a multi-file DICOM WSI) only the first is listed.
+    (a multi-file DICOM WSI) only the first is listed; a sub-folder holding DICOM files is one slide (and a
+    folder that holds only one DICOM series is that slide).
     """
     source = Path(source)
     if source.is_file():
@@ -418,26 +975,23 @@ def find_slides(source: str | Path) -> list[Path]:
     found = sorted(p for p in source.iterdir()
                    if p.is_file() and not p.name.startswith(".") and _suffix(p) in SLIDE_SUFFIXES)
     found = _one_file_per_dicom_series(found)
+    found += sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".") and
+                    any(q.is_file() and q.suffix.lower() == ".dcm" for q in p.iterdir()))
     if not found:
-        raise OncoFMError(f"no slides found in {source} (looked for {', '.join(sorted(SLIDE_SUFFIXES))})")
-    return found
+        raise OncoFMError(f"no slides found in {source} (looked for {', '.join(sorted(SLIDE_SUFFIXES))}, and "
+                          "sub-folders of .dcm files)")
+    return sorted(found)
 
 
 def _one_file_per_dicom_series(paths: list[Path]) -> list[Path]:
-    """A DICOM WSI is often stored as several .dcm files (one per level); OpenSlide opens the whole series
-    from any of them, so keep the first file of each SeriesInstanceUID (unreadable files are kept, to fail
-    with a reason later)."""
-    import openslide
-
+    """A DICOM WSI is often stored as several .dcm files (one or more per level); the whole series opens from
+    any of them, so keep the first file of each SeriesInstanceUID (unreadable files are kept, to fail with a
+    reason later)."""
     seen: set[str] = set()
     kept = []
     for p in paths:
         if _suffix(p) == ".dcm":
-            try:
-                with openslide.OpenSlide(str(p)) as osl:
-                    uid = osl.properties.get("dicom.SeriesInstanceUID")
-            except Exception:
-                uid = None
+            uid = _series_uid(p)
             if uid is not None:
                 if uid in seen:
                     continue
@@ -457,5 +1011,7 @@ def _suffix(path: Path) -> str:
 def slide_stem(path: str | Path) -> str:
     """The name a slide's outputs are stored under (file name without its slide suffix)."""
     path = Path(path)
+    if path.is_dir():
+        return path.name
     suffix = _suffix(path)
     return path.name[: -len(suffix)] if suffix and path.name.lower().endswith(suffix) else path.stem

@@ -9,7 +9,8 @@ One slide (:func:`tile_slide`):
 2. detect tissue and ink on a low-resolution image (:mod:`oncofm.pathology.tissue`);
 3. lay a non-overlapping grid over the slide, measure each cell's tissue and ink fraction from the masks
    (summed-area tables, so any grid size costs the same), keep cells with tissue ≥ ``min_tissue`` and no
-   ink;
+   ink (tissue that ink encloses counts as tissue); count why every other cell was dropped
+   (:func:`grid_patches_explained`: the ``grid_summary`` attribute, and the line ``oncofm tile`` prints);
 4. write ``<slide>.h5`` and ``<slide>_qc.png`` atomically.
 
 A folder (:func:`tile_slides`): N spawn-safe worker processes; finished slides are skipped; each slide is
@@ -38,7 +39,7 @@ from pydantic import Field
 
 from oncofm.config import StageSettings, StageStamp, artifact_version, check_stamp
 from oncofm.errors import OncoFMError
-from oncofm.io import atomic_path
+from oncofm.io import atomic_path, open_h5
 from oncofm.pathology.qc import write_qc_png
 from oncofm.pathology.reader import SlideReader, find_slides, open_slide, slide_stem
 from oncofm.pathology.tissue import TissueMask, TissueSettings, detect_tissue
@@ -98,6 +99,7 @@ class TilingResult:
     seconds: float = 0.0
     worker: str = ""
     paths: dict[str, str] = field(default_factory=dict)
+    summary: dict[str, int] = field(default_factory=dict)  # grid_patches_explained's counts (done/skipped)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,19 +140,50 @@ def _box_fractions(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: float
 def grid_patches(plan: GridPlan, masks: TissueMask, min_tissue: float, max_ink: float = 0.0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates (N, 2) int64 level-0 (x, y) and tissue fractions (N,) float32 of the kept grid cells."""
+    coords, fractions, _ = grid_patches_explained(plan, masks, min_tissue, max_ink)
+    return coords, fractions
+
+
+def grid_patches_explained(plan: GridPlan, masks: TissueMask, min_tissue: float, max_ink: float = 0.0
+                           ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """:func:`grid_patches` and why each cell was kept or dropped: ``{"grid_cells", "kept", "no_tissue",
+    "low_tissue", "ink", "kept_inside_ink"}`` (``ink``: enough tissue but more than ``max_ink`` ink;
+    ``kept_inside_ink``: kept cells whose centre lies in an area that ink marks enclose, e.g. a circled tumour)."""
+    n_cells = plan.cols * plan.rows
+    summary = {"grid_cells": n_cells, "kept": 0, "no_tissue": 0, "low_tissue": 0, "ink": 0, "kept_inside_ink": 0}
     if plan.cols == 0 or plan.rows == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), summary
     gy, gx = np.mgrid[0:plan.rows, 0:plan.cols]
     xs = (gx.ravel() * plan.level0_size).astype(np.int64)
     ys = (gy.ravel() * plan.level0_size).astype(np.int64)
     side = plan.level0_size / masks.downsample
     tissue = _box_fractions(masks.tissue, xs / masks.downsample, ys / masks.downsample, side)
-    keep = tissue >= max(min_tissue, 1e-6)
+    enough = tissue >= max(min_tissue, 1e-6)
+    keep = enough.copy()
     if masks.ink.any():
         ink = _box_fractions(masks.ink, xs / masks.downsample, ys / masks.downsample, side)
         keep &= ink <= max_ink
     coords = np.stack([xs[keep], ys[keep]], axis=1)
-    return coords, tissue[keep]
+    summary.update(kept=int(keep.sum()), no_tissue=int((tissue < 1e-6).sum()),
+                   low_tissue=int(((tissue >= 1e-6) & ~enough).sum()), ink=int((enough & ~keep).sum()))
+    if masks.enclosed is not None and masks.enclosed.any() and len(coords):
+        h, w = masks.enclosed.shape
+        cx = np.clip(((coords[:, 0] + plan.level0_size / 2) / masks.downsample).astype(np.int64), 0, w - 1)
+        cy = np.clip(((coords[:, 1] + plan.level0_size / 2) / masks.downsample).astype(np.int64), 0, h - 1)
+        summary["kept_inside_ink"] = int(masks.enclosed[cy, cx].sum())
+    return coords, tissue[keep], summary
+
+
+def describe_grid(summary: dict[str, Any]) -> str:
+    """One line: what a slide's grid kept and why the rest was dropped."""
+    if not summary:
+        return ""
+    dropped = [f"{summary[k]} {label}" for k, label in (("no_tissue", "without tissue"),
+               ("low_tissue", "with too little tissue"), ("ink", "with pen/ink")) if summary.get(k)]
+    text = f"{summary.get('kept', 0)} of {summary.get('grid_cells', 0)} grid cells kept"
+    if summary.get("kept_inside_ink"):
+        text += f" ({summary['kept_inside_ink']} inside ink marks)"
+    return text + (f"; dropped {', '.join(dropped)}" if dropped else "")
 
 
 def read_patch(slide: SlideReader, x: int, y: int, read_level: int, read_size: int, patch_size: int
@@ -178,10 +211,10 @@ def tile_slide(path: str | Path, settings: TilingSettings) -> TilingResult:
         plan = plan_grid(slide, settings.target_mpp, settings.patch_size)
         # At least 8 mask pixels across a patch, so tissue fractions are measured, not guessed.
         masks = detect_tissue(slide, settings.tissue, max_downsample=plan.level0_size / 8)
-        coords, fractions = grid_patches(plan, masks, settings.min_tissue, settings.max_ink)
+        coords, fractions, summary = grid_patches_explained(plan, masks, settings.min_tissue, settings.max_ink)
         if len(coords) == 0:
-            raise EmptySlideError(f"no patch with ≥{settings.min_tissue:.0%} tissue (tissue covers "
-                                  f"{masks.fraction:.1%} of the slide; grid {plan.cols}x{plan.rows})")
+            raise EmptySlideError(f"no patch with ≥{settings.min_tissue:.0%} tissue and no ink (tissue covers "
+                                  f"{masks.fraction:.1%} of the slide; {describe_grid(summary)})")
         attrs: dict[str, Any] = {
             "slide_path": str(path.resolve()), "read_level": plan.read_level, "read_size": plan.read_size,
             "patch_size": settings.patch_size, "target_mpp": settings.target_mpp, "slide_mpp": slide.mpp,
@@ -194,6 +227,7 @@ def tile_slide(path: str | Path, settings: TilingSettings) -> TilingResult:
             "grid_cols": plan.cols, "grid_rows": plan.rows, "min_tissue": settings.min_tissue,
             "mask_downsample": masks.downsample, "slide_tissue_fraction": masks.fraction,
             "tissue_settings": json.dumps(settings.tissue.model_dump()),
+            "grid_summary": json.dumps(summary), "ink_fraction": float(masks.ink.mean()),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "worker": _worker_id(),
         }
         stamp = StageStamp.of(settings, GRID_IGNORE, _slide_inputs(path))
@@ -208,7 +242,7 @@ def tile_slide(path: str | Path, settings: TilingSettings) -> TilingResult:
         if settings.qc:
             paths["qc"] = str(write_qc_png(slide, masks, coords, plan, out / f"{stem}_qc.png", settings.qc_size))
     return TilingResult(slide=str(path), status="done", n_patches=int(len(coords)),
-                       seconds=time.perf_counter() - t0, worker=_worker_id(), paths=paths)
+                       seconds=time.perf_counter() - t0, worker=_worker_id(), paths=paths, summary=summary)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,7 +366,14 @@ def _existing(path: str, h5: Path, settings: TilingSettings) -> TilingResult:
         tiles_up_to_date(path, h5, settings)
     except OncoFMError as exc:
         return TilingResult(slide=path, status="failed", reason=str(exc).replace("\n", " "), worker=_worker_id())
-    return TilingResult(slide=path, status="skipped", worker=_worker_id())
+    summary: dict[str, int] = {}
+    n = 0
+    with contextlib.suppress(OncoFMError, KeyError, ValueError), open_h5(h5) as f:
+        n = int(len(f["coords"]))
+        raw = f.attrs.get("grid_summary")
+        summary = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw)) if raw is not None else {}
+    return TilingResult(slide=path, status="skipped", worker=_worker_id(), n_patches=n, summary=summary)
+
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ Steps (all on an RGB thumbnail, typically 4–16 µm/px):
    thresholds), or when it is dark (value < ``dark_value``) and at least slightly tinted.
 2. **Pen and ink**: blue and green marker (hue 0.42–0.72 on [0, 1], saturated, and green ≥ red — H&E
    hematoxylin and eosin are always redder than green), and black marker/debris (all channels dark) are
-   marked as ink, cleaned of specks, dilated by a margin, and removed from tissue.
+   marked as ink and cleaned of specks. Within ``ink_margin_um`` of a mark, the faint fringe of the marker
+   (the same hues, half the saturation) is ink too, but tissue-coloured pixels beside the mark stay tissue.
+   Ink is removed from tissue; **tissue enclosed by ink** (the holes of the ink mask — where a pathologist
+   circles the tumour) is kept whole, and counted (``TissueMask.enclosed``). Otsu's threshold is computed
+   without the ink pixels, so heavy marking does not shift it.
 3. **Clean-up**: binary opening and closing, removal of objects smaller than ``min_area_mm2``, filling of
    holes smaller than ``max_hole_mm2`` (small lumens, cracks), all sized in physical units via the mask mpp.
 
@@ -37,7 +41,10 @@ class TissueSettings(StageSettings):
     dark_value: float = Field(0.8, ge=0, le=1, description="Below this brightness, weakly tinted pixels count.")
     black_value: float = Field(0.22, ge=0, le=1, description="Max channel below this = black ink/debris.")
     ink_min_saturation: float = Field(0.30, ge=0, le=1)
-    ink_margin_um: float = Field(64.0, ge=0, description="Dilation of ink marks before removal (µm).")
+    ink_margin_um: float = Field(64.0, ge=0, description="Within this distance of an ink mark (µm), faint "
+                                 "ink-coloured pixels (the marker's fringe) are ink too; tissue-coloured ones not.")
+    ink_edge_um: float = Field(8.0, ge=0, description="Dilation of ink marks whatever the colour (µm): the "
+                               "blurred edge of a mark at the mask's resolution.")
     min_area_mm2: float = Field(0.01, ge=0, description="Tissue pieces smaller than this are dropped.")
     max_hole_mm2: float = Field(0.01, ge=0, description="Holes smaller than this are filled.")
     smooth_um: float = Field(16.0, ge=0, description="Radius of the opening/closing (µm).")
@@ -45,12 +52,14 @@ class TissueSettings(StageSettings):
 
 @dataclass
 class TissueMask:
-    """Masks at ``downsample`` relative to level 0: ``tissue`` and ``ink`` are (h, w) bool."""
+    """Masks at ``downsample`` relative to level 0: ``tissue``, ``ink`` and ``enclosed`` (the areas that ink
+    marks enclose, e.g. a circled tumour; tissue there is kept) are (h, w) bool."""
 
     tissue: np.ndarray
     ink: np.ndarray
     downsample: float
     mpp: float
+    enclosed: np.ndarray | None = None
 
     @property
     def fraction(self) -> float:
@@ -83,9 +92,17 @@ def ink_mask(rgb: np.ndarray, settings: TissueSettings | None = None) -> np.ndar
     return blue_green | green | black
 
 
-def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue and ink masks of an RGB image at ``mpp`` µm/px. Returns (tissue, ink), both (h, w) bool."""
+def _faint_ink(rgb: np.ndarray, settings: TissueSettings) -> np.ndarray:
+    """The fringe of a blue/green marker: its hues at half the saturation (tissue is redder than green)."""
+    hue, sat, _ = rgb_to_hsv(rgb)
+    r, g = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16)
+    return (hue >= 0.17) & (hue <= 0.72) & (sat >= settings.ink_min_saturation / 2) & (g >= r)
+
+
+def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | None = None,
+                      return_enclosed: bool = False) -> tuple[np.ndarray, ...]:
+    """Tissue and ink masks of an RGB image at ``mpp`` µm/px. Returns (tissue, ink), both (h, w) bool, and
+    with ``return_enclosed`` also the areas enclosed by ink."""
     from scipy import ndimage as ndi
     from skimage import morphology
     from skimage.filters import threshold_otsu
@@ -102,19 +119,32 @@ def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | No
         sat8[y0:y0 + 256] = np.round(sat * 255).astype(np.uint8)
         dark[y0:y0 + 256] = val < s.dark_value
         raw_ink[y0:y0 + 256] = ink_mask(block, s)
-    hist = np.bincount(sat8.ravel(), minlength=256)
+
+    px_area_mm2 = (mpp / 1000.0) ** 2
+    min_ink_px = max(1, int(round(0.0005 / px_area_mm2)))  # specks below 0.0005 mm² are not pen marks
+    ink = morphology.remove_small_objects(raw_ink, max_size=min_ink_px)
+    del raw_ink
+    if ink.any():
+        edge = int(round(s.ink_edge_um / mpp))
+        if edge > 0:
+            ink = ndi.binary_dilation(ink, structure=morphology.disk(min(edge, 50)))
+        margin = int(round(s.ink_margin_um / mpp))
+        if margin > 0:
+            near = ndi.binary_dilation(ink, structure=morphology.disk(min(margin, 50)))
+            rows = np.flatnonzero(near.any(axis=1))
+            for y0 in range(int(rows.min()), int(rows.max()) + 1, 256):  # colour test only near the marks
+                sl = slice(y0, y0 + 256)
+                ink[sl] |= near[sl] & _faint_ink(rgb[sl], s)
+            del near
+        enclosed = ndi.binary_fill_holes(ink) & ~ink  # inside a circle drawn with the marker
+    else:
+        enclosed = np.zeros_like(ink)
+
+    hist = np.bincount(sat8[~ink].ravel(), minlength=256)  # Otsu without the (very saturated) ink
     thr = float(threshold_otsu(hist=hist)) / 255.0 if (hist > 0).sum() > 1 else s.sat_min
     thr = min(max(thr, s.sat_min), s.sat_max)
     candidate = (sat8 > thr * 255) | (dark & (sat8 > s.sat_min * 255))  # saturated, or dark and tinted
     del sat8, dark
-
-    px_area_mm2 = (mpp / 1000.0) ** 2
-    ink = raw_ink
-    min_ink_px = max(1, int(round(0.0005 / px_area_mm2)))  # specks below 0.0005 mm² are not pen marks
-    ink = morphology.remove_small_objects(ink, max_size=min_ink_px)
-    margin = int(round(s.ink_margin_um / mpp))
-    if margin > 0 and ink.any():
-        ink = ndi.binary_dilation(ink, structure=morphology.disk(min(margin, 50)))
 
     tissue = candidate & ~ink
     radius = int(round(s.smooth_um / mpp))
@@ -131,6 +161,8 @@ def detect_tissue_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings | No
     if min_px > 0:
         tissue = morphology.remove_small_objects(tissue, max_size=min_px)
     tissue &= ~ink  # hole filling must not bring ink back
+    if return_enclosed:
+        return tissue, ink, enclosed
     return tissue, ink
 
 
@@ -153,5 +185,5 @@ def detect_tissue(slide: object, settings: TissueSettings | None = None,
     ds = mask_downsample(slide.dimensions, slide.mpp, s, max_downsample)  # type: ignore[attr-defined]
     rgb = slide.read_scaled(ds)  # type: ignore[attr-defined]  # (h, w, 3)
     mpp = slide.mpp * ds  # type: ignore[attr-defined]
-    tissue, ink = detect_tissue_rgb(rgb, mpp, s)
-    return TissueMask(tissue=tissue, ink=ink, downsample=ds, mpp=mpp)
+    tissue, ink, enclosed = detect_tissue_rgb(rgb, mpp, s, return_enclosed=True)
+    return TissueMask(tissue=tissue, ink=ink, downsample=ds, mpp=mpp, enclosed=enclosed)

@@ -7,6 +7,7 @@ import html
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from oncofm.report import plots
 
@@ -82,6 +83,9 @@ def _header(ex: Explanation) -> str:
         rows.append(f"<tr><td>omics model</td><td>{ex.omics.prob:.3f}</td></tr>")
     if ex.slide is not None:
         rows.append(f"<tr><td>slide model</td><td>{ex.slide.prob:.3f}</td></tr>")
+    if ex.slide_features is not None:
+        rows.append(f"<tr><td>slide-feature model (whole-slide image features)</td>"
+                    f"<td>{ex.slide_features.prob:.3f}</td></tr>")
     if ex.fusion is not None and ex.fusion.risk is not None:
         rows.append(f"<tr><td>fusion LLM (parsed from its text)</td><td>{ex.fusion.risk:.3f}</td></tr>")
     table = ("<table><tr><th>model</th><th>P(death within 5 years)</th></tr>" + "".join(rows) + "</table>"
@@ -196,6 +200,30 @@ def _genes(ex: Explanation) -> str:
             f"alt='gene contributions'>{cov}</figure><div><table>{'<tr>' + head + '</tr>'}{body}</table></div></div>")
 
 
+def _image_features(ex: Explanation) -> str:
+    """The slide-feature model's panel: the image features behind its prediction, in words, each with the
+    patient's value, its percentile within the cancer type and its signed contribution."""
+    res = ex.slide_features
+    if res is None or res.attributions.empty:
+        return ""
+    top = res.attributions.head(ex.settings.top_genes)
+    img = data_uri(plots.gene_bars_png(top, len(top), label="name",
+                                       title="Whole-slide image features: red raises risk, blue lowers it"))
+    ref = "all training patients" if res.reference_type in ("", "all") else f"{res.reference_type} training patients"
+    def pct(v: float) -> str:
+        return "—" if pd.isna(v) else f"{float(v):.0f}"
+
+    rows = "".join(f"<tr><td>{_e(r['name'])}</td><td>{_fmt(r['value'], 3)}</td><td>{pct(r['percentile'])}</td>"
+                   f"<td>{_fmt(r['attribution'], 3)}</td></tr>" for _, r in top.iterrows())
+    return (f"<h2>Whole-slide image features</h2><div class='row' id='image-features'><figure><img src='{img}' "
+            f"alt='image feature contributions'><figcaption>The slide-feature model's largest contributions "
+            f"(integrated gradients from the average training patient), with the patient's value and its "
+            f"percentile among {_e(ref)}. These features were computed from the whole slide by the tool that "
+            "produced them (for hif2gene: PathAI's cell and tissue models); OncoFM reads them, it does not "
+            "measure them.</figcaption></figure><div><table><tr><th>feature</th><th>value</th><th>percentile"
+            f"</th><th>attribution</th></tr>{rows}</table></div></div>")
+
+
 def _cohort(ex: Explanation) -> str:
     if ex.cohort is None:
         return ""
@@ -216,7 +244,8 @@ def _provenance(ex: Explanation) -> str:
 
 def render_report(ex: Explanation) -> str:
     """The whole report as one HTML string (no external references)."""
-    parts = [_header(ex), _explanation(ex), _notes(ex), _slide(ex), _genes(ex), _cohort(ex), _provenance(ex)]
+    parts = [_header(ex), _explanation(ex), _notes(ex), _slide(ex), _image_features(ex), _genes(ex), _cohort(ex),
+             _provenance(ex)]
     title = f"OncoFM report {ex.patient.patient_id}"
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"

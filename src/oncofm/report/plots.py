@@ -99,16 +99,19 @@ def thumbnail_jpeg(tiled: TiledSlide, quality: int = 88) -> bytes:
     return buf.getvalue()
 
 
-def gene_bars_png(attributions: pd.DataFrame, top: int = 15) -> bytes:
-    """Signed horizontal bars of the genes with the largest |attribution| (red: towards death)."""
+def gene_bars_png(attributions: pd.DataFrame, top: int = 15, *, label: str = "gene",
+                  title: str = "Top contributing genes: red raises risk, blue lowers it") -> bytes:
+    """Signed horizontal bars of the rows with the largest |attribution| (red: towards death), labelled by
+    the ``label`` column (genes; image features in words)."""
     plt = _plt()
     df = attributions.head(top).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(df) + 1.2))
+    names = [n if len(n) <= 60 else n[:57] + "..." for n in df[label].astype(str)]
+    fig, ax = plt.subplots(figsize=(6.4 if label == "gene" else 8.4, 0.32 * len(df) + 1.2))
     colors = [RISK_COLOR if v > 0 else PROTECTIVE_COLOR for v in df["attribution"]]
-    ax.barh(df["gene"], df["attribution"], color=colors)
+    ax.barh(names, df["attribution"], color=colors)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("contribution to 5-year death risk (attribution)")
-    ax.set_title("Top contributing genes: red raises risk, blue lowers it", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
 

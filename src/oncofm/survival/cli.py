@@ -15,18 +15,27 @@ def cox_cmd(
     no_pan: bool = typer.Option(False, "--no-pan", help="Skip the pan-cancer model stratified by cancer type."),
     memory_mb: float = typer.Option(512.0, "--memory-mb", help="Working-memory budget of one gene chunk (MB)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the volcano plots and the heatmap."),
+    layers: str = typer.Option("expression,cnv,mutation", "--layers",
+                               help="Comma-separated omics layers to screen (those the cohort has)."),
+    min_carriers: int = typer.Option(10, "--min-carriers",
+                                     help="cnv/mutation: fewer patients with a non-zero value gives NaN (noted)."),
+    separation: str = typer.Option("firth", "--separation",
+                                   help="cnv/mutation separated fits: firth (penalised estimate) or exclude (NaN)."),
     redo: bool = typer.Option(False, "--redo", help="Refit even if the table exists with the same settings."),
 ) -> None:
     """Univariate Cox per gene per cancer type on the TRAINING split -> RUN/cox/coefficients.parquet.
 
     Expression is the run's normalised expression (robust z within cancer type), so coefficients are log
     hazard ratios per robust SD. q is Benjamini-Hochberg within each cancer type; rows with
-    cancer_type PAN_CANCER ("__pan__") come from the model stratified by cancer type.
+    cancer_type PAN_CANCER ("__pan__") come from the model stratified by cancer type. CNV (as given) and
+    mutation status (0/1) are screened the same way into the same table (column layer; q within layer and type).
     """
     from oncofm.survival.cox_stage import CoxSettings, run_cox
 
     settings = CoxSettings.build(run=str(run), horizon_years=horizon, ties=ties, min_events=min_events,
-                                 pan_cancer=not no_pan, memory_mb=memory_mb, plots=not no_plots, redo=redo)
+                                 pan_cancer=not no_pan, memory_mb=memory_mb, plots=not no_plots, redo=redo,
+                                 layers=[x.strip() for x in layers.split(",") if x.strip()], min_carriers=min_carriers,
+                                 separation=separation)
     for name, path in run_cox(settings).items():
         typer.echo(f"{name}: {path}")
 

@@ -133,8 +133,11 @@ def primary_tumour_one_per_patient(samples: list[str], notes: list[str], file: s
     return keep
 
 
-def read_cdr(path: str | Path, notes: list[str], missing_survival: str = "error") -> pd.DataFrame:
+def read_cdr(path: str | Path, notes: list[str], missing_survival: str = "error",
+             covariates: bool = True) -> pd.DataFrame:
     """Patients from the TCGA-CDR clinical table (Liu et al. 2018): OS/OS.time and DSS/PFI/DFI in days.
+
+    ``covariates`` adds ``stage``, ``grade`` and ``histology`` (:func:`oncofm.cohort.clinical.covariates_from_cdr`).
 
     ``missing_survival="drop"`` leaves out patients without OS or OS.time (noted); ``"error"`` lets
     validation stop the import on them (for patients that have expression).
@@ -158,6 +161,12 @@ def read_cdr(path: str | Path, notes: list[str], missing_survival: str = "error"
             out[f"{name.lower()}_days"] = pd.to_numeric(raw[f"{name}.time"], errors="coerce")
             out[f"{name.lower()}_event"] = pd.to_numeric(raw[name], errors="coerce")
     out[Col.SOURCE] = "tcga_cdr"
+    if covariates:
+        from oncofm.cohort.clinical import covariates_from_cdr
+
+        cov = covariates_from_cdr(raw, notes, file=str(path))
+        for col in cov.columns:
+            out[col] = cov[col].to_numpy()
     if missing_survival == "drop":
         miss = pd.to_numeric(out[Col.OS_DAYS], errors="coerce").isna() | out[Col.OS_EVENT].isna()
         if miss.any():

@@ -108,7 +108,8 @@ def import_firehose(settings) -> ImportedCohort:  # noqa: ANN001 - ImportSetting
         if len(in_all) < expr.shape[1]:
             notes.append(f"{expr.shape[1] - len(in_all)} genes missing in some cohort files (NaN there)")
     expr = maybe_log2(expr, settings.log_transform, str(settings.source), notes)
-    patients = read_cdr(settings.clinical, notes, settings.options.get("missing_survival", "error"))
+    patients = read_cdr(settings.clinical, notes, settings.options.get("missing_survival", "error"),
+                        covariates=getattr(settings, "covariates", True))
     patients = patients.assign(**{Col.SOURCE: "firehose+tcga_cdr"})
     matched = patients[Col.PATIENT].isin(expr.index)
     if matched.any():

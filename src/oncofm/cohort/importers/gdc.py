@@ -3,7 +3,8 @@
 1. ``/files``: the open STAR-Counts gene-expression files of the project, primary tumours only (one
    per patient: the sample barcode that sorts first), and its diagnostic slides;
 2. ``/cases`` (``expand=demographic,diagnoses``): vital status, days to death, days to last follow-up
-   (the largest over the case's diagnoses), age and gender;
+   (the largest over the case's diagnoses), age and gender; AJCC pathologic stage and tumour grade (the
+   first diagnosis recording one; mapped by :mod:`oncofm.cohort.clinical`);
 3. ``/data/{file_id}``: each expression file, resumable and md5-verified, kept under
    ``RUN/downloads/gdc/<project>/`` (a rerun downloads nothing twice);
 4. STAR counts → TPM per gene symbol (protein-coding genes; ``--option gene_type=all`` keeps all) →
@@ -79,6 +80,12 @@ def clinical_to_patients(clinical: pd.DataFrame, cancer_type: str | None, notes:
         Col.OS_EVENT: np.where(dead, 1.0, np.where(alive, 0.0, np.nan)),
         Col.SOURCE: "gdc",
     })
+    from oncofm.cohort.clinical import parse_grades, parse_stages
+
+    for col, parse, field in ((Col.STAGE, parse_stages, "diagnoses.ajcc_pathologic_stage"),
+                              (Col.GRADE, parse_grades, "diagnoses.tumor_grade")):
+        if col in clinical:
+            out[col] = parse(clinical[col], file="GDC /cases", column=field)
     if missing_survival == "drop":
         miss = out[Col.OS_DAYS].isna() | out[Col.OS_EVENT].isna()
         if miss.any():

@@ -15,6 +15,8 @@ clinical patient IDs, or given). ``--clinical`` is the clinical table. The mappi
       event_values: "Dead:1,Alive:0"   # map text events to 0/1
       age: age                    # optional
       sex: gender                 # optional (female/male, F/M)
+      stage: ajcc_stage           # optional AJCC stage text ("Stage IIIA", "[Not Available]", ...)
+      grade: grade                # optional grade text ("G3", "High Grade", ...); see oncofm.cohort.clinical
       id_column: gene             # expression ID column (default: the first column)
       orientation: auto           # auto | genes-as-rows | genes-as-columns
       patient_id_chars: 12        # cut expression IDs to their first N characters (TCGA sample → patient)
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, str | None] = {
     "patient_id": Col.PATIENT, "cancer_type": Col.CANCER, "cancer_type_value": None,
     "os_days": Col.OS_DAYS, "time_unit": "days", "os_event": Col.OS_EVENT, "event_values": None,
-    "age": None, "sex": None, "id_column": None, "orientation": "auto", "patient_id_chars": None,
+    "age": None, "sex": None, "stage": None, "grade": None, "id_column": None, "orientation": "auto", "patient_id_chars": None,
     "missing_survival": "error",
 }
 ORIENTATIONS = ("auto", "genes-as-rows", "genes-as-columns")
@@ -112,6 +114,14 @@ def read_clinical(path: str | Path, opts: dict, notes: list[str]) -> pd.DataFram
     if opts["sex"]:
         require_columns(raw, [opts["sex"]], str(path))
         out[Col.SEX] = raw[opts["sex"]].astype("string").str.strip().str.lower().map(SEX)
+    from oncofm.cohort.clinical import parse_grades, parse_stages
+
+    if opts["stage"]:
+        require_columns(raw, [opts["stage"]], str(path))
+        out[Col.STAGE] = parse_stages(raw[opts["stage"]], file=str(path), column=opts["stage"])
+    if opts["grade"]:
+        require_columns(raw, [opts["grade"]], str(path))
+        out[Col.GRADE] = parse_grades(raw[opts["grade"]], file=str(path), column=opts["grade"])
     out[Col.SOURCE] = "generic"
     if opts["missing_survival"] == "drop":
         miss = out[Col.OS_DAYS].isna() | out[Col.OS_EVENT].isna()

@@ -7,6 +7,11 @@ columns; a patient's slides repeat the same values). Optional ``slides.csv`` (ca
 
 Overall survival comes from ``survival_months`` × 30.4375 days (it equals TCGA-CDR OS; 60 months is
 exactly the 5-year horizon of 1826.25 days).
+
+Stage, grade and histology (``settings.covariates``) come from the TCGA-CDR table joined on the patient
+barcode: ``--clinical`` when given, else ``../tcga_cdr/tcga_cdr_clinical.csv`` beside ``--source`` when it
+exists (the layout of ``shared/data``); without either the columns are absent (noted). Values are mapped
+by :mod:`oncofm.cohort.clinical`.
 """
 
 from __future__ import annotations
@@ -87,6 +92,42 @@ def _read_multiomics(folder: Path, suffixes: tuple[str, ...],
     return out
 
 
+def cdr_path(root: Path, clinical: str | None) -> Path | None:
+    """The TCGA-CDR table for a tcga13 folder: ``clinical`` if given, else ``root/../tcga_cdr/...`` if present."""
+    if clinical:
+        path = Path(clinical)
+        if not path.is_file():
+            raise OncoFMError(f"--clinical {path} does not exist; give the TCGA-CDR table "
+                              "(shared/data/tcga_cdr/tcga_cdr_clinical.csv) or leave it out")
+        return path
+    guess = root.parent / "tcga_cdr" / "tcga_cdr_clinical.csv"
+    return guess if guess.is_file() else None
+
+
+def _add_cdr_covariates(patients: pd.DataFrame, root: Path, clinical: str | None, notes: list[str]) -> pd.DataFrame:
+    from oncofm.cohort.clinical import covariates_from_cdr
+    from oncofm.cohort.importers.common import read_table
+
+    path = cdr_path(root, clinical)
+    if path is None:
+        notes.append("no TCGA-CDR table (--clinical, or ../tcga_cdr/ beside --source): stage and grade not imported")
+        return patients
+    raw = read_table(path, what="TCGA-CDR clinical table")
+    if "bcr_patient_barcode" not in raw:
+        raise DataValidationError("missing required column ['bcr_patient_barcode'] (expected the TCGA-CDR table)",
+                                  file=str(path))
+    raw = raw[raw["bcr_patient_barcode"].astype(str).isin(set(patients[Col.PATIENT].astype(str)))]
+    cov = covariates_from_cdr(raw.drop_duplicates("bcr_patient_barcode"), notes, file=str(path))
+    unmatched = int((~patients[Col.PATIENT].astype(str).isin(cov.index)).sum())
+    if unmatched:
+        notes.append(f"{unmatched} patients not in the TCGA-CDR table: stage and grade unknown")
+    cov = cov.reindex(patients[Col.PATIENT].astype(str))
+    out = patients.copy()
+    for col in cov.columns:
+        out[col] = cov[col].to_numpy()
+    return out
+
+
 @register_importer("tcga13")
 def import_tcga13(settings) -> ImportedCohort:  # noqa: ANN001 - ImportSettings (import cycle)
     root = Path(settings.source)
@@ -109,6 +150,8 @@ def import_tcga13(settings) -> ImportedCohort:  # noqa: ANN001 - ImportSettings 
         log.info("reading copy number and mutations from %s", mo)
         mo_tables = _read_multiomics(mo, ("_cnv", "_mut"), pd.Index(patients[Col.PATIENT].astype(str)))
         cnv, mut = mo_tables["_cnv"], mo_tables["_mut"]
+    if getattr(settings, "covariates", True):
+        patients = _add_cdr_covariates(patients, root, settings.clinical, notes)
     slides = None
     if (root / "slides.csv").exists():
         s = pd.read_csv(root / "slides.csv")
