@@ -110,6 +110,8 @@ BAD = [
      "The probability of death is 5.0 years."),
     ("number_not_in_evidence", sub(GOOD, "This is a KIRC patient.", "This is a KIRC patient aged 74 years."),
      "aged 74 years"),
+    ("clinical_misstated", sub(GOOD, "This is a KIRC patient.", "This is a KIRC patient. Clinical record: stage "
+                                                                "III."), "stage III"),
     ("gene_fact_wrong", sub(GOOD, "CA9 (z +1.8", "CA9 (z -1.8"), "CA9 (z -1.8"),
     ("gene_fact_wrong", sub(GOOD, "MKI67 (z +0.7, Cox -", "MKI67 (z +0.7, Cox +"), "MKI67 (z +0.7, Cox +"),
     ("gene_fact_wrong", sub(GOOD, "q 0.012", "q 0.12"), "CA9 (z +1.8, Cox +, q 0.12"),
@@ -164,6 +166,15 @@ def test_each_bad_text_is_caught_by_its_rule(rule: str, text: str, statement: st
 #: rules about whole-slide image features need a record from the slide-feature model: their bad texts are in
 #: tests/test_slide_feature_model.py::test_checker_catches_wrong_image_statements
 IMAGE_RULES = {"image_feature_wrong", "image_feature_not_in_evidence"}
+
+
+def test_stage_and_grade_of_the_record_pass_and_others_fail() -> None:
+    ev = {**copy.deepcopy(EV), "stage": 3, "grade": 2}
+    good = sub(GOOD, "This is a KIRC patient.", "This is a KIRC patient. Clinical record: stage III, grade 2.")
+    assert check_explanation(good, ev, VOCAB).passed
+    for wrong in ("stage II, grade 2", "stage III, grade 3", "stage IV"):
+        text = sub(GOOD, "This is a KIRC patient.", f"This is a KIRC patient. Clinical record: {wrong}.")
+        assert "clinical_misstated" in check_explanation(text, ev, VOCAB).rules, wrong
 
 
 def test_every_rule_has_a_bad_text() -> None:
@@ -276,7 +287,8 @@ def test_loop_rule_ignores_gene_facts_and_far_repeats() -> None:
 
 
 def test_aggregate_and_format() -> None:
-    results = [check(t) for t in (GOOD, GOOD_PLAIN, BAD[0][1], BAD[13][1])]
+    repeated = next(b[1] for b in BAD if b[0] == "repeated_sentence")
+    results = [check(t) for t in (GOOD, GOOD_PLAIN, BAD[0][1], repeated)]
     results.append(check_explanation(DEMO[3][1], DEMO_EV, VOCAB))
     assert results[-1].rules == ["ngram_loop", "truncated"]
     agg = aggregate(results)

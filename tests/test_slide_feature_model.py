@@ -305,3 +305,17 @@ def test_side_by_side_comparison_on_the_planted_run(planted: Path) -> None:
     d, lo, hi = both["fused_vs_best"]["auc_diff"]
     assert lo <= d <= hi
     assert Path(out["paths"]["md"]).read_text().startswith("Split: test")
+
+
+def test_stage_and_grade_enter_the_record_the_text_and_the_checker() -> None:
+    from oncofm.explain.inputs import _clinical_input
+
+    ev = build_evidence("LUAD", 70.0, None, None, None, EvidenceSettings(), stage="Stage IIIA", grade="G2").to_dict()
+    assert (ev["stage"], ev["grade"]) == (3, 2)
+    text = render_target(ev, death=False, risk=0.3, seed=0)
+    assert "stage III, grade 2" in text
+    assert check_explanation(text, ev, set()).passed
+    assert build_evidence("LUAD", None, None, None, None, EvidenceSettings(), stage=float("nan")).stage is None
+    assert _clinical_input("IIB", "stage") == 2.0 and _clinical_input("[Not Available]", "stage") is None
+    with pytest.raises(OncoFMError, match="--grade 'severe'"):
+        _clinical_input("severe", "grade")

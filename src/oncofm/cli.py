@@ -40,11 +40,12 @@ from oncofm.fusion import cli as _fusion_cli  # noqa: E402
 from oncofm.omics import cli as _omics_cli  # noqa: E402
 from oncofm.pathology import cli as _pathology_cli  # noqa: E402
 from oncofm.pathology import model_cli as _slide_model_cli  # noqa: E402
+from oncofm.pathology.cells import cli as _cells_cli  # noqa: E402
 from oncofm.survival import cli as _survival_cli  # noqa: E402
 from oncofm.web import cli as _web_cli  # noqa: E402
 
-_COMMAND_MODULES = (_cohort_cli, _survival_cli, _omics_cli, _pathology_cli, _slide_model_cli, _fusion_cli,
-                    _explain_cli, _web_cli, _demo)
+_COMMAND_MODULES = (_cohort_cli, _survival_cli, _omics_cli, _pathology_cli, _slide_model_cli, _cells_cli,
+                    _fusion_cli, _explain_cli, _web_cli, _demo)
 
 
 @app.callback()

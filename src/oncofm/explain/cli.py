@@ -21,6 +21,9 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
                                                "KIRC); required for a new patient."),
         age: float | None = typer.Option(None, "--age", help="Age at diagnosis of a new patient (years)."),
         sex: str | None = typer.Option(None, "--sex", help="female | male, for a new patient."),
+        stage: str | None = typer.Option(None, "--stage", help="AJCC stage of a new patient (I-IV, IIIA, "
+                                         "'Stage IIB'); cited in the explanation."),
+        grade: str | None = typer.Option(None, "--grade", help="Histological grade of a new patient (1-4, G3)."),
         slide: Path | None = typer.Option(None, "--slide", help="H&E slide or image (SVS, TIFF, NDPI, MRXS, "
                                           "DICOM, JPEG, PNG...)."),
         slide_features: Path | None = typer.Option(None, "--slide-features", help="Slide-level image features of a "
@@ -45,6 +48,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         settings = ExplainSettings.build(
             run=str(run), out=str(out), patient_id=patient_id,
             expression=None if expression is None else str(expression), cancer_type=cancer_type, age=age, sex=sex,
+            stage=stage, grade=grade,
             slide=None if slide is None else str(slide), mpp=mpp, top_genes=top_genes,
             slide_features=None if slide_features is None else str(slide_features),
             top_patches=top_patches, min_gene_fraction=min_gene_fraction)

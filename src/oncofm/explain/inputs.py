@@ -184,10 +184,13 @@ def cohort_patient(layout: RunLayout, patient_id: str) -> PatientInput:
             features = table.loc[patient_id, slide_feature_names(table)].astype(float)
     age = patients.loc[patient_id].get(Col.AGE)
     sex = patients.loc[patient_id].get(Col.SEX)
+    stage, grade = patients.loc[patient_id].get(Col.STAGE), patients.loc[patient_id].get(Col.GRADE)
     return PatientInput(patient_id=patient_id, cancer_type=cancer, expression=expression,
                         slide=slide, mpp=mpp, source="cohort", split=split,
                         age=float(age) if age is not None and pd.notna(age) else None,
-                        sex=str(sex) if sex is not None and pd.notna(sex) else None, slide_features=features)
+                        sex=str(sex) if sex is not None and pd.notna(sex) else None, slide_features=features,
+                        stage=float(stage) if stage is not None and pd.notna(stage) else None,
+                        grade=float(grade) if grade is not None and pd.notna(grade) else None)
 
 
 def cohort_slide_path(layout: RunLayout, patient_id: str) -> tuple[Path | None, float | None]:
@@ -220,6 +223,19 @@ def _slide_folders(layout: RunLayout) -> list[Path]:
     return folders
 
 
+def _clinical_input(value: str | None, kind: str) -> float | None:
+    """``--stage`` / ``--grade`` of a new patient as 1-4 (None: not given or unknown); unrecognised text stops."""
+    from oncofm.cohort.clinical import parse_grade, parse_stage
+
+    if value is None or str(value).strip() == "":
+        return None
+    level = (parse_stage if kind == "stage" else parse_grade)(value)
+    if level is None:
+        examples = "I, II, IIIA, IV, 'Stage IIB'" if kind == "stage" else "1-4, G1-G4, 'High Grade'"
+        raise OncoFMError(f"--{kind} {value!r} is not a {kind} OncoFM reads; give e.g. {examples} (or leave it out)")
+    return None if np.isnan(level) else float(level)
+
+
 def _check_sex(sex: str | None) -> str | None:
     if sex is None or sex == "":
         return None
@@ -233,7 +249,8 @@ def _check_sex(sex: str | None) -> str | None:
 def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: str | Path | None,
                     cancer_type: str | None, slide: str | Path | None, mpp: float | None,
                     age: float | None = None, sex: str | None = None,
-                    slide_features: str | Path | None = None) -> PatientInput:
+                    slide_features: str | Path | None = None, stage: str | None = None,
+                    grade: str | None = None) -> PatientInput:
     """Turn the command-line choices into one :class:`PatientInput`, validating each."""
     if patient_id and (expression or slide_features):
         raise OncoFMError("give either --patient-id (a patient of the run) or a new patient's files "
@@ -261,6 +278,7 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
             patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
         if slide_features:
             patient.slide_features = read_slide_features_file(slide_features)
+        patient.stage, patient.grade = _clinical_input(stage, "stage"), _clinical_input(grade, "grade")
     patient.cancer_type, seen = resolve_cancer_type(patient.cancer_type, layout, check_format=not patient_id)
     if not seen:
         note = unseen_cancer_type_note(patient.cancer_type, known_cancer_types(layout))

@@ -75,6 +75,8 @@ class ExplainSettings(StageSettings):
     slide_features: str | None = Field(None, description="slide-level image features of a new patient (CSV/TSV/"
                                        "parquet: feature,value rows or one row of feature columns)")
     mpp: float | None = Field(None, description="microns per pixel, for slides that do not store it")
+    stage: str | None = Field(None, description="AJCC stage of a new patient (I-IV, 'Stage IIIA', ...)")
+    grade: str | None = Field(None, description="histological grade of a new patient (1-4, G1-G4, ...)")
     min_gene_fraction: float = Field(0.5, gt=0, le=1, description="share of the model's genes required")
     top_genes: int = Field(15, ge=1, le=100, description="genes shown in the contribution chart")
     top_patches: int = Field(8, ge=1, le=32, description="most attended patches shown in the gallery")
@@ -252,7 +254,8 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
         raise OncoFMError(f"run directory {layout.root} does not exist (run `oncofm demo` or the pipeline first)")
     patient = resolve_patient(layout, patient_id=settings.patient_id, expression=settings.expression,
                               cancer_type=settings.cancer_type, slide=settings.slide, mpp=settings.mpp,
-                              age=settings.age, sex=settings.sex, slide_features=settings.slide_features)
+                              age=settings.age, sex=settings.sex, slide_features=settings.slide_features,
+                              stage=settings.stage, grade=settings.grade)
     models = predictors or Predictors.from_run(layout, min_gene_fraction=settings.min_gene_fraction)
     ex = Explanation(patient=patient, settings=settings)
     step = ex.log
@@ -297,7 +300,8 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
     ex.fusion_branch = fusion_branch
     slide_in = ex.slide_for_fusion
     ex.evidence = step.timed("evidence", build_evidence, patient.cancer_type, patient.age, ex.omics, slide_in,
-                             evidence_patches if slide_in is ex.slide else None, ev_settings)
+                             evidence_patches if slide_in is ex.slide else None, ev_settings,
+                             stage=patient.stage, grade=patient.grade)
 
     tell("fusion", 0.7)
     if ex.omics is None and slide_in is None:

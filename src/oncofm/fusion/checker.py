@@ -114,6 +114,7 @@ RULES: dict[str, str] = {
                                      "does not hold",
     "image_feature_wrong": "an image feature's percentile, its reference cancer type or the direction of its "
                            "clause differs from the record",
+    "clinical_misstated": "a stage or grade is stated that differs from the record's (or the record has none)",
     "modality_misstated": "a modality is said to be missing though present, or a missing one is reported on",
     "cancer_type_misstated": "the text names another cancer type than the record's",
     "verdict_words_vs_risk": "the outcome words disagree with the stated risk (death iff risk >= 0.5)",
@@ -244,6 +245,9 @@ _PAREN = re.compile(r"\([^()]*\)")
 _PERCENTILE = re.compile(r"\(\s*(\d+)(?:st|nd|rd|th) percentile of (all training|[A-Za-z0-9-]+) patients\s*\)",
                          re.IGNORECASE)
 _IMAGE_MASK = "the image feature"
+_STAGE = re.compile(r"\bstage\s+(IV|III|II|I|[0-4])\b(?![-\w]|\.\d)", re.IGNORECASE)
+_GRADE = re.compile(r"\bgrade\s+([0-4])\b(?![-\w]|\.\d)", re.IGNORECASE)
+_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4}
 _FACTS = re.compile("|".join(f"(?:{p.pattern})" for p in (_Z, _Q, _COX, _SIG)), re.IGNORECASE)
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.'&+-][a-z0-9]+)*")
 
@@ -444,6 +448,7 @@ class _Check:
 
     def check_sentence(self, sentence: str) -> None:
         sentence = self._image_features(sentence)  # checked here; masked for the gene and number rules
+        self._clinical(sentence)
         self._modalities(sentence)
         self._cancer_type(sentence)
         unknown: set[str] = set()
@@ -519,6 +524,16 @@ class _Check:
         for a, b in sorted(spans, reverse=True):
             sentence = f"{sentence[:a]} {_IMAGE_MASK}{sentence[b:]}"
         return sentence
+
+    def _clinical(self, sentence: str) -> None:
+        for pattern, key in ((_STAGE, "stage"), (_GRADE, "grade")):
+            for m in pattern.finditer(sentence):
+                token = m.group(1).upper()
+                said = _ROMAN.get(token) if key == "stage" and token in _ROMAN else int(token)
+                own = self.ev.get(key)
+                if own is None or int(own) != said:
+                    self.fail("clinical_misstated", sentence, f"{key} {m.group(1)}: the record's {key} is "
+                                                              f"{'unknown' if own is None else own}")
 
     def _mask_image_names(self, sentence: str) -> str:
         for name in sorted(self.image, key=len, reverse=True):

@@ -69,6 +69,9 @@ class Evidence:
 
     cancer_type: str
     age: float | None = None
+    #: AJCC stage (1-4) and histological grade (1-4) when known (the cohort's clinical record or the user's input)
+    stage: int | None = None
+    grade: int | None = None
     omics_prob: float | None = None
     risk_genes: list[dict[str, Any]] = field(default_factory=list)
     protective_genes: list[dict[str, Any]] = field(default_factory=list)
@@ -196,10 +199,28 @@ def image_feature_evidence(attributions: pd.DataFrame, top: int, reference: str)
     return out
 
 
+def clinical_level(value: Any, kind: Literal["stage", "grade"]) -> int | None:
+    """A stage or grade as 1-4 from a number or text ("Stage IIIA", "G3": :mod:`oncofm.cohort.clinical`'s
+    mapping); None when unknown."""
+    from oncofm.cohort.clinical import parse_grade, parse_stage
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (parse_stage if kind == "stage" else parse_grade)(value)
+    if value is None or pd.isna(value):
+        return None
+    level = int(round(float(value)))
+    return level if 1 <= level <= 4 else None
+
+
 def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | None, slide: SlideResult | None,
-                   patches: PatchSummary | None, settings: EvidenceSettings) -> Evidence:
-    """The evidence record from the predictors' results (the one builder; see the module docstring)."""
-    ev = Evidence(cancer_type=str(cancer_type), age=None if age is None or pd.isna(age) else float(age))
+                   patches: PatchSummary | None, settings: EvidenceSettings, *, stage: Any = None,
+                   grade: Any = None) -> Evidence:
+    """The evidence record from the predictors' results (the one builder; see the module docstring).
+    ``stage`` / ``grade``: the patient's clinical record (1-4, text, or None)."""
+    ev = Evidence(cancer_type=str(cancer_type), age=None if age is None or pd.isna(age) else float(age),
+                  stage=clinical_level(stage, "stage"), grade=clinical_level(grade, "grade"))
     if omics is None:
         ev.missing.append("omics")
     else:
@@ -221,6 +242,20 @@ def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | Non
                         "top_share": _r(attention_concentration(slide.attention, settings.top_fraction), 2),
                         "findings": morphometric_findings(patches, len(slide.attention))}
     return ev
+
+
+#: stage numbers in words
+STAGE_WORDS = {1: "I", 2: "II", 3: "III", 4: "IV"}
+
+
+def clinical_phrase(ev: dict) -> str | None:
+    """``stage III, grade 2`` (the parts known), or None when neither is."""
+    parts = []
+    if ev.get("stage") is not None:
+        parts.append(f"stage {STAGE_WORDS[int(ev['stage'])]}")
+    if ev.get("grade") is not None:
+        parts.append(f"grade {int(ev['grade'])}")
+    return ", ".join(parts) or None
 
 
 def gene_facts(x: dict) -> list[str]:
@@ -250,6 +285,8 @@ def evidence_prompt(ev: dict) -> str:
     lines = [f"Cancer type: {ev['cancer_type']}"]
     if ev.get("age") is not None:
         lines.append(f"Age: {ev['age']:.0f}")
+    if (clin := clinical_phrase(ev)) is not None:
+        lines.append(f"Clinical: {clin}")
     if ev.get("omics_prob") is not None:
         lines.append(f"Omics model probability: {ev['omics_prob']:.2f}")
 

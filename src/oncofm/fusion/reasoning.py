@@ -226,7 +226,14 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     omics_results = stored_omics_results(layout, patients, horizon_years=settings.horizon_years)
     slide_results = stored_slide_results(layout) if branch == "mil" else {}
     feature_results = stored_feature_results(layout) if branch == "features" else {}
-    if settings.head == "stacked":
+    head_kind = settings.head
+    n_val = int((~np.isnan(labels) & (split == "val")).sum())
+    if head_kind == "stacked" and (n_val < 2 * settings.head_folds
+                                   or len(set(labels[~np.isnan(labels) & (split == "val")])) < 2):
+        log.warning("the stacked fused head is fitted on validation, which has %d labelled patients (needs %d of "
+                    "both outcomes): using the embedding head instead", n_val, 2 * settings.head_folds)
+        head_kind = "embedding"
+    if head_kind == "stacked":
         p_o = np.array([omics_results[p].prob if emb.has_omics[i] and p in omics_results else np.nan
                         for i, p in enumerate(ids)])
         slide_of = {p: r.prob for p, r in feature_results.items()} | {p: r[0].prob for p, r in slide_results.items()}
@@ -236,7 +243,8 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     else:
         prob, oof, c = fit_fused_head(fused_matrix(emb), labels, split, folds=settings.head_folds,
                                       c_grid=settings.head_c_grid, seed=settings.seed)
-        head = {"kind": "embedding", "C": c, "fitted_on": "train"}
+        head = {"kind": "embedding", "C": c, "fitted_on": "train",
+                "reason": None if settings.head == "embedding" else f"too few labelled validation patients ({n_val})"}
     head["slide_branch"] = branch
     write_parquet(pd.DataFrame({"patient_id": ids, "split": split, "label": labels, "prob": prob, "oof": oof}),
                   head_path)
@@ -254,14 +262,14 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
             ev_s = settings.evidence
             patches = stored_patch_summary(layout, stem, slide.attention, top_k=ev_s.top_patches,
                                            sample=ev_s.sample_patches, seed=ev_s.seed)
-        ev = build_evidence(str(row["cancer_type"]), row.get("age"), omics, slide, patches,
-                            settings.evidence).to_dict()
+        ev = build_evidence(str(row["cancer_type"]), row.get("age"), omics, slide, patches, settings.evidence,
+                            stage=row.get("stage"), grade=row.get("grade")).to_dict()
         lab = labels[i]
         text = None if np.isnan(lab) else render_target(ev, death=bool(lab == 1), risk=float(prob[i]),
                                                            seed=f"{settings.seed}:{pid}")
         records.append({"patient_id": pid, "split": split[i], "label": None if np.isnan(lab) else int(lab),
                         "risk": round(float(prob[i]), 2),
-                        "risk_source": f"{settings.head}_head" + ("_oof" if oof[i] else ""), "evidence": ev,
+                        "risk_source": f"{head_kind}_head" + ("_oof" if oof[i] else ""), "evidence": ev,
                         "target": text})
     with atomic_path(target) as tmp, open(tmp, "w") as fh:
         for r in records:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from oncofm.fusion.evidence import gene_facts, percentile_phrase
+from oncofm.fusion.evidence import clinical_phrase, gene_facts, percentile_phrase
 from oncofm.fusion.parse import format_prediction
 
 __all__ = ["render_target", "draft_texts", "slot_options", "evidence_summary", "RISK_WORDS", "PROTECTIVE_WORDS",
@@ -25,6 +25,10 @@ _INTRO = (
     "This is a {ct} patient.",
     "The patient has {ct}.",
     "Cancer type: {ct}.",
+)
+_CLINICAL = (
+    "Clinical record: {clin}.",
+    "The tumour is {clin}.",
 )
 _OMICS = (
     "The omics model gives a probability of {p:.2f} of death within 5 years.",
@@ -119,6 +123,8 @@ def slot_options(ev: dict) -> list[tuple[str, ...]]:
     in a fixed order. One grammar for the training targets (:func:`render_target` picks one phrasing per
     slot), the drafts of speculative decoding and the structured decoder (the LLM picks per slot)."""
     slots: list[tuple[str, ...]] = [tuple(t.format(ct=ev["cancer_type"]) for t in _INTRO)]
+    if (clin := clinical_phrase(ev)) is not None:
+        slots.append(tuple(t.format(clin=clin) for t in _CLINICAL))
     if ev.get("omics_prob") is not None:
         slots.append(tuple(t.format(p=ev["omics_prob"]) for t in _OMICS))
     if ev.get("risk_genes"):
