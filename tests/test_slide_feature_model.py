@@ -308,7 +308,7 @@ def test_side_by_side_comparison_on_the_planted_run(planted: Path) -> None:
 
 
 def test_stage_and_grade_enter_the_record_the_text_and_the_checker() -> None:
-    from oncofm.explain.inputs import _clinical_input
+    from oncofm.explain.inputs import parse_clinical_input
 
     ev = build_evidence("LUAD", 70.0, None, None, None, EvidenceSettings(), stage="Stage IIIA", grade="G2").to_dict()
     assert (ev["stage"], ev["grade"]) == (3, 2)
@@ -316,6 +316,6 @@ def test_stage_and_grade_enter_the_record_the_text_and_the_checker() -> None:
     assert "stage III, grade 2" in text
     assert check_explanation(text, ev, set()).passed
     assert build_evidence("LUAD", None, None, None, None, EvidenceSettings(), stage=float("nan")).stage is None
-    assert _clinical_input("IIB", "stage") == 2.0 and _clinical_input("[Not Available]", "stage") is None
+    assert parse_clinical_input("IIB", "stage") == 2.0 and parse_clinical_input("[Not Available]", "stage") is None
     with pytest.raises(OncoFMError, match="--grade 'severe'"):
-        _clinical_input("severe", "grade")
+        parse_clinical_input("severe", "grade")

@@ -128,3 +128,14 @@ def test_failed_job_reports_its_error(client):
 def test_request_without_input_is_refused(client):
     assert client.post("/api/explain", data={}).status_code == 400
     assert client.post("/api/explain", data={"patient_id": "TCGA-XX-0000"}).status_code == 400
+
+
+def test_slide_features_and_clinical_inputs_are_checked(client):
+    csv = b"feature,value\nDENSITY [LYMPHOCYTE CELLS] IN [STROMA],high\n"
+    r = client.post("/api/explain", files={"slide_features": ("hif.csv", csv, "text/csv")},
+                    data={"cancer_type": "KIRC"})
+    assert r.status_code == 400 and "not numbers" in r.json()["detail"]
+    ok = b"feature,value\nDENSITY [LYMPHOCYTE CELLS] IN [STROMA],412.5\n"
+    r = client.post("/api/explain", files={"slide_features": ("hif.csv", ok, "text/csv")},
+                    data={"cancer_type": "KIRC", "stage": "severe"})
+    assert r.status_code == 400 and "--stage 'severe'" in r.json()["detail"]

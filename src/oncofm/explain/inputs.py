@@ -223,7 +223,7 @@ def _slide_folders(layout: RunLayout) -> list[Path]:
     return folders
 
 
-def _clinical_input(value: str | None, kind: str) -> float | None:
+def parse_clinical_input(value: str | None, kind: str) -> float | None:
     """``--stage`` / ``--grade`` of a new patient as 1-4 (None: not given or unknown); unrecognised text stops."""
     from oncofm.cohort.clinical import parse_grade, parse_stage
 
@@ -278,7 +278,7 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
             patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
         if slide_features:
             patient.slide_features = read_slide_features_file(slide_features)
-        patient.stage, patient.grade = _clinical_input(stage, "stage"), _clinical_input(grade, "grade")
+        patient.stage, patient.grade = parse_clinical_input(stage, "stage"), parse_clinical_input(grade, "grade")
     patient.cancer_type, seen = resolve_cancer_type(patient.cancer_type, layout, check_format=not patient_id)
     if not seen:
         note = unseen_cancer_type_note(patient.cancer_type, known_cancer_types(layout))

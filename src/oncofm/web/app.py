@@ -74,9 +74,9 @@ class _TooLarge(OncoFMError):
 
 
 async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, patient_id: str | None, cancer_type: str | None, mpp: float | None,
-                      expression: Any, slide: Any) -> dict[str, Any]:
+                      expression: Any, slide: Any, slide_features: Any = None) -> dict[str, Any]:
     """Save the uploads under server-chosen names and check their content; the job's explain settings."""
-    from oncofm.explain.inputs import check_cancer_type, read_expression_file
+    from oncofm.explain.inputs import check_cancer_type, read_expression_file, read_slide_features_file
     from oncofm.web.jobs import slide_extension
 
     if cancer_type:  # explain's policy: a type unseen in training runs pan-cancer with a note; a non-code is a 400
@@ -93,6 +93,14 @@ async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, pati
         path = tmp.rename(inputs / f"expression{suffix}")
         read_expression_file(path)  # parses, or OncoFMError saying what is wrong
         params["expression"] = str(path)
+    if slide_features is not None:
+        tmp, _ = await _save_upload(slide_features, inputs / "slide_features", max_bytes, "slide features")
+        suffix = ".parquet" if (tmp.read_bytes()[:4] == b"PAR1") else ".csv"
+        if suffix == ".csv" and b"\t" in tmp.read_bytes()[:4096]:
+            suffix = ".tsv"
+        path = tmp.rename(inputs / f"slide_features{suffix}")
+        read_slide_features_file(path)  # parses, or OncoFMError saying what is wrong
+        params["slide_features"] = str(path)
     if slide is not None:
         tmp, head = await _save_upload(slide, inputs / "slide", max_bytes, "slide")
         ext = slide_extension(head, slide.filename)
@@ -136,18 +144,27 @@ def create_app(settings: WebSettings, predictors: Any = None):  # noqa: ANN201 -
     @app.post("/api/explain", status_code=202)
     async def explain(patient_id: str | None = Form(None), cancer_type: str | None = Form(None),
                       mpp: float | None = Form(None), age: float | None = Form(None),
-                      sex: str | None = Form(None), expression: UploadFile | None = File(None),
-                      slide: UploadFile | None = File(None)) -> JSONResponse:
+                      sex: str | None = Form(None), stage: str | None = Form(None),
+                      grade: str | None = Form(None), expression: UploadFile | None = File(None),
+                      slide: UploadFile | None = File(None),
+                      slide_features: UploadFile | None = File(None)) -> JSONResponse:
         expression = expression if expression is not None and expression.filename else None
         slide = slide if slide is not None and slide.filename else None
-        if not patient_id and expression is None and slide is None:
-            raise HTTPException(400, "choose a demo patient, or upload an expression file and/or a slide")
-        if patient_id and (expression is not None or slide is not None):
+        slide_features = slide_features if slide_features is not None and slide_features.filename else None
+        if not patient_id and expression is None and slide is None and slide_features is None:
+            raise HTTPException(400, "choose a demo patient, or upload an expression file, a slide and/or slide "
+                                     "features")
+        if patient_id and (expression is not None or slide is not None or slide_features is not None):
             raise HTTPException(400, "give either a demo patient or uploaded files, not both")
         job_id, job_dir = manager.new_job_dir()
         try:
-            params = await _job_params(settings, max_bytes, job_dir, patient_id, cancer_type, mpp, expression, slide)
-            params.update(age=age, sex=sex or None)
+            params = await _job_params(settings, max_bytes, job_dir, patient_id, cancer_type, mpp, expression, slide,
+                                       slide_features)
+            from oncofm.explain.inputs import parse_clinical_input
+
+            parse_clinical_input(stage, "stage")  # a 400 naming the accepted forms, before the job starts
+            parse_clinical_input(grade, "grade")
+            params.update(age=age, sex=sex or None, stage=stage or None, grade=grade or None)
         except _TooLarge as exc:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise HTTPException(413, str(exc)) from None
