@@ -47,6 +47,7 @@ from oncofm.pathology.predict import (
     SlidePredictor,
     SlideResult,
     TiledSlide,
+    load_cell_model,
     patch_summary,
     tile_patient_slide,
 )
@@ -122,12 +123,13 @@ class Predictors:
     slide: SlideModel | None
     fusion: FusionModel | None
     slide_features: SlideFeatureModel | None = None
+    cells: Any = None  # the cell-type model (RUN/models/cells): cell findings of the attended patches
 
     @classmethod
     def from_run(cls, layout: RunLayout, *, min_gene_fraction: float = 0.5) -> Predictors:
         return cls(omics=OmicsPredictor.from_run(layout, min_gene_fraction=min_gene_fraction),
                    slide=SlidePredictor.from_run(layout), fusion=FusionPredictor.from_run(layout),
-                   slide_features=SlideFeaturePredictor.from_run(layout))
+                   slide_features=SlideFeaturePredictor.from_run(layout), cells=load_cell_model(layout))
 
 
 @dataclass
@@ -294,9 +296,11 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
         tell("top patches", 0.6)
         k = max(settings.top_patches, ev_settings.top_patches)
         ex.patch_summary = step.timed("top_patches", patch_summary, ex.tiled, ex.slide.attention, top_k=k,
-                                      sample=ev_settings.sample_patches, seed=ev_settings.seed)
+                                      sample=ev_settings.sample_patches, seed=ev_settings.seed,
+                                      cell_model=models.cells, cell_top=ev_settings.top_patches)
     evidence_patches = (None if ex.patch_summary is None else
-                        PatchSummary(ex.patch_summary.patches[: ev_settings.top_patches], ex.patch_summary.slide_mean))
+                        PatchSummary(ex.patch_summary.patches[: ev_settings.top_patches], ex.patch_summary.slide_mean,
+                                     ex.patch_summary.cells))
     ex.fusion_branch = fusion_branch
     slide_in = ex.slide_for_fusion
     ex.evidence = step.timed("evidence", build_evidence, patient.cancer_type, patient.age, ex.omics, slide_in,

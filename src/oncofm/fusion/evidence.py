@@ -42,6 +42,10 @@ __all__ = ["Evidence", "EvidenceSettings", "MORPH_FEATURES", "SIGNIFICANCE_Q", "
 
 MORPH_FEATURES = {"nuclei_density": "nuclear density", "hematoxylin_od": "hematoxylin stain",
                   "eosin_od": "eosin stain", "tissue_fraction": "tissue cover"}
+#: the cell model's measures an explanation may cite (oncofm.pathology.cells.findings), in words
+CELL_MEASURES = {"inflammatory_density": "density of inflammatory cells",
+                 "epithelial_fraction": "share of tumour (epithelial) cells",
+                 "stromal_fraction": "share of stromal cells"}
 
 
 class EvidenceSettings(BaseModel):
@@ -214,6 +218,24 @@ def clinical_level(value: Any, kind: Literal["stage", "grade"]) -> int | None:
     return level if 1 <= level <= 4 else None
 
 
+def cell_evidence(summary: PatchSummary | None, n_patches: int | None = None) -> list[dict[str, Any]]:
+    """The cell model's measures of the most attended patches against the slide (:data:`CELL_MEASURES`, those
+    with a ratio), under the rule of :func:`morphometric_findings` (nothing when the top patches are half the
+    slide or more)."""
+    cells = getattr(summary, "cells", None)
+    if not cells or summary is None or not summary.patches:
+        return []
+    if n_patches is not None and 2 * len(summary.patches) > n_patches:
+        return []
+    out = []
+    for key, name in CELL_MEASURES.items():
+        m = cells.get(key)
+        if m is not None and m.get("ratio") is not None and np.isfinite(m["ratio"]):
+            out.append({"measure": key, "name": name, "top": _r(m["top"], 3), "slide": _r(m["slide"], 3),
+                        "ratio": _r(m["ratio"], 2)})
+    return out
+
+
 def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | None, slide: SlideResult | None,
                    patches: PatchSummary | None, settings: EvidenceSettings, *, stage: Any = None,
                    grade: Any = None) -> Evidence:
@@ -241,6 +263,8 @@ def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | Non
             ev.image = {"n_patches": int(len(slide.attention)), "top_fraction": settings.top_fraction,
                         "top_share": _r(attention_concentration(slide.attention, settings.top_fraction), 2),
                         "findings": morphometric_findings(patches, len(slide.attention))}
+            if cells := cell_evidence(patches, len(slide.attention)):
+                ev.image["cells"] = cells
     return ev
 
 
@@ -304,6 +328,8 @@ def evidence_prompt(ev: dict) -> str:
         lines.append(f"Top {img['top_fraction']:.0%} of patches hold {img['top_share']:.2f} of attention")
         for f in img.get("findings", []):
             lines.append(f"Attended patches {f['name']}: {f['ratio']:.2f} x slide average")
+        for c in img.get("cells", []):
+            lines.append(f"Cell model, attended patches {c['name']}: {c['ratio']:.2f} x slide average")
     for effect in ("raises", "lowers"):
         cited = [f for f in ev.get("image_features") or [] if f["effect"] == effect]
         if cited:

@@ -196,7 +196,7 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     from oncofm.fusion.fuse import SLIDE_BRANCHES, resolve_slide_branch
     from oncofm.omics.predict import stored_omics_results
     from oncofm.pathology.feature_model import stored_feature_results
-    from oncofm.pathology.predict import stored_patch_summary, stored_slide_results
+    from oncofm.pathology.predict import load_cell_model, stored_patch_summary, stored_slide_results
 
     layout = RunLayout(settings.run)
     out_dir = layout.reasoning_dir
@@ -226,6 +226,7 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
     omics_results = stored_omics_results(layout, patients, horizon_years=settings.horizon_years)
     slide_results = stored_slide_results(layout) if branch == "mil" else {}
     feature_results = stored_feature_results(layout) if branch == "features" else {}
+    cell_model = load_cell_model(layout) if branch == "mil" else None  # cell findings of the attended patches
     head_kind = settings.head
     n_val = int((~np.isnan(labels) & (split == "val")).sum())
     if head_kind == "stacked" and (n_val < 2 * settings.head_folds
@@ -261,7 +262,7 @@ def build_reasoning_dataset(settings: ReasoningSettings) -> dict[str, Path]:
             slide, stem = slide_results[pid]
             ev_s = settings.evidence
             patches = stored_patch_summary(layout, stem, slide.attention, top_k=ev_s.top_patches,
-                                           sample=ev_s.sample_patches, seed=ev_s.seed)
+                                           sample=ev_s.sample_patches, seed=ev_s.seed, cell_model=cell_model)
         ev = build_evidence(str(row["cancer_type"]), row.get("age"), omics, slide, patches, settings.evidence,
                             stage=row.get("stage"), grade=row.get("grade")).to_dict()
         lab = labels[i]

@@ -73,6 +73,10 @@ _MORPH = (
     "The most attended patches show {name} at {ratio:.2f} times the slide average.",
     "In the most attended regions, {name} is {ratio:.2f} x the slide average.",
 )
+_CELLS = (
+    "The cell model estimates the {name} in the most attended patches at {ratio:.2f} times the slide average.",
+    "By the cell model's count, the most attended patches hold {ratio:.2f} x the slide's {name}.",
+)
 _COMBINE_AGREE = (
     "Both models point the same way (omics {o:.2f}, slide {s:.2f}); the risk below combines them.",
     "The omics model ({o:.2f}) and the slide model ({s:.2f}) agree; the risk below combines them.",
@@ -151,6 +155,8 @@ def slot_options(ev: dict) -> list[tuple[str, ...]]:
                            for t in (_ATTN_ONE if one else _ATTN)))
         for finding in img.get("findings", [])[:2]:
             slots.append(tuple(t.format(name=finding["name"], ratio=finding["ratio"]) for t in _MORPH))
+        for cell in img.get("cells", []):
+            slots.append(tuple(t.format(name=cell["name"], ratio=cell["ratio"]) for t in _CELLS))
     for m in ev.get("missing", []):
         if m in _MISSING:
             slots.append(_MISSING[m])

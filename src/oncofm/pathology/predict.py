@@ -68,12 +68,25 @@ class PatchFinding:
     attention: float
     image: np.ndarray  # (S, S, 3) uint8
     morphometrics: dict[str, float]
+    cells: dict[str, int] | None = None  # the cell model's counts per class in this patch (None: no cell model)
 
 
 @dataclass
 class PatchSummary:
     patches: list[PatchFinding]  # the most attended, rank order
     slide_mean: dict[str, float]  # morphometrics averaged over a seeded sample of the slide's patches
+    #: the cell model's measures of the top patches against the sampled slide patches (``compare_findings``:
+    #: key -> {key, description, unit, top, slide, ratio}); None without a cell model
+    cells: dict[str, dict] | None = None
+
+
+def load_cell_model(layout: RunLayout) -> Any:
+    """The run's cell-type model (``RUN/models/cells``, trained with ``oncofm cells train --out RUN/models/cells``),
+    or None when the run has none."""
+    from oncofm.pathology.cells.model import CONFIG, CellModel
+
+    folder = layout.model_dir("cells")
+    return CellModel.load(folder) if (folder / CONFIG).exists() else None
 
 
 def read_tiles(h5: str | Path, slide_path: str | Path | None = None, *, mpp: float | None = None,
@@ -112,10 +125,12 @@ def tiling_geometry(layout: RunLayout) -> dict[str, float]:
     return {k: saved.get(k, defaults[k].default) for k in keys}
 
 
-def patch_summary(tiled: TiledSlide, attention: np.ndarray, *, top_k: int = 8, sample: int = 32, seed: int = 0
-                  ) -> PatchSummary:
+def patch_summary(tiled: TiledSlide, attention: np.ndarray, *, top_k: int = 8, sample: int = 32, seed: int = 0,
+                  cell_model: Any = None, cell_top: int | None = None) -> PatchSummary:
     """The ``top_k`` most attended patches (pixels at the read level, morphometrics) and the slide's mean
     morphometrics over a seeded random sample of ``sample`` patches (the reference for "more than average").
+    With a ``cell_model`` (:func:`load_cell_model`), the cells of each top patch are counted and the cell
+    measures of the first ``cell_top`` (default all) top patches are compared with the sampled patches'.
 
     Ties in attention keep grid order (a stable sort), so training and inference pick the same patches.
     """
@@ -141,8 +156,19 @@ def patch_summary(tiled: TiledSlide, attention: np.ndarray, *, top_k: int = 8, s
             m = {key: float(v) for key, v in patch_morphometrics(rgb, mpp=tiled.read_mpp).items()}
             patches.append(PatchFinding(rank=rank, x=int(tiled.coords[i][0]), y=int(tiled.coords[i][1]),
                                         attention=float(attention[i]), image=rgb, morphometrics=m))
-        ref = pd.DataFrame([patch_morphometrics(read(int(i)), mpp=tiled.read_mpp) for i in ref_idx])
-    return PatchSummary(patches=patches, slide_mean={c: float(ref[c].mean()) for c in ref.columns})
+        ref_images = [read(int(i)) for i in ref_idx]
+        ref = pd.DataFrame([patch_morphometrics(im, mpp=tiled.read_mpp) for im in ref_images])
+    summary = PatchSummary(patches=patches, slide_mean={c: float(ref[c].mean()) for c in ref.columns})
+    if cell_model is not None and patches:
+        from oncofm.pathology.cells.findings import cell_findings, compare_findings
+
+        top = cell_findings(cell_model, [p.image for p in patches], tiled.read_mpp)
+        for p, f in zip(patches, top, strict=True):
+            p.cells = dict(f.counts)
+        slide = cell_findings(cell_model, ref_images, tiled.read_mpp)
+        n = len(patches) if cell_top is None else max(1, min(cell_top, len(patches)))
+        summary.cells = {k: m.to_dict() for k, m in compare_findings(top[:n], slide).items()}
+    return summary
 
 
 class SlidePredictor:
@@ -290,14 +316,15 @@ def stored_slide_results(layout: RunLayout) -> dict[str, tuple[SlideResult, str]
 
 
 def stored_patch_summary(layout: RunLayout, stem: str, attention: np.ndarray, *, top_k: int, sample: int,
-                         seed: int) -> PatchSummary | None:
+                         seed: int, cell_model: Any = None) -> PatchSummary | None:
     """:func:`patch_summary` of a slide tiled in the run (``tiles/<stem>.h5``); ``None`` (logged) when its
     tiles or the slide file are not there."""
     h5 = layout.tiles_dir / f"{stem}.h5"
     if not h5.exists() or len(attention) == 0:
         return None
     try:
-        return patch_summary(read_tiles(h5), attention, top_k=top_k, sample=sample, seed=seed)
+        return patch_summary(read_tiles(h5), attention, top_k=top_k, sample=sample, seed=seed,
+                             cell_model=cell_model)
     except (OncoFMError, OSError) as exc:
         log.info("no morphometrics for %s: %s", stem, exc)
         return None

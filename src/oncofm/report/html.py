@@ -171,10 +171,24 @@ def _patches(ex: Explanation) -> str:
     cards = []
     for p in ex.patches:
         m = "".join(f"<tr><td>{_e(k)}</td><td>{v:.3g}</td></tr>" for k, v in p.morphometrics.items())
+        if p.cells is not None:
+            m += "".join(f"<tr><td>{_e(k)} cells (cell model)</td><td>{v}</td></tr>" for k, v in p.cells.items())
         cards.append(f"<div class='patch'><img src='{data_uri(plots.patch_jpeg(p.image), 'image/jpeg')}' "
                      f"alt='patch {p.rank}'><div><b>#{p.rank}</b> attention {p.attention:.4f}<br>"
                      f"at ({p.x}, {p.y})</div><table>{m}</table></div>")
-    return f"<h3>Most attended patches</h3><div class='patches' id='patches'>{''.join(cards)}</div>"
+    cells = ""
+    summary = ex.patch_summary.cells if ex.patch_summary is not None else None
+    if summary:
+        def ratio(m: dict) -> str:
+            return "—" if m["ratio"] is None else f"{m['ratio']:.2f}"
+
+        rows = "".join(f"<tr><td>{_e(m['description'])}</td><td>{m['top']:.3g}</td><td>{m['slide']:.3g}</td>"
+                       f"<td>{ratio(m)}</td></tr>" for m in summary.values())
+        cells = ("<h3>Cells in the most attended patches (the cell model's estimate)</h3><table id='cells'>"
+                 "<tr><th>measure</th><th>attended patches</th><th>slide (sampled patches)</th><th>ratio</th></tr>"
+                 f"{rows}</table><p class='muted'>Counted by OncoFM's cell-type model (BRCA-M2C; measured accuracy "
+                 "in docs/cells.md: macro F1 0.65 on held-out patients): an estimate, not a pathologist's count.</p>")
+    return f"<h3>Most attended patches</h3><div class='patches' id='patches'>{''.join(cards)}</div>{cells}"
 
 
 def _genes(ex: Explanation) -> str:
