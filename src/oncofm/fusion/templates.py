@@ -74,8 +74,8 @@ _MORPH = (
     "In the most attended regions, {name} is {ratio:.2f} x the slide average.",
 )
 _CELLS = (
-    "The cell model estimates the {name} in the most attended patches at {ratio:.2f} times the slide average.",
-    "By the cell model's count, the most attended patches hold {ratio:.2f} x the slide's {name}.",
+    "Against the slide as a whole, the cell model estimates these regions' {items}.",
+    "The cell model puts these regions' {items}, each against the whole slide.",
 )
 _COMBINE_AGREE = (
     "Both models point the same way (omics {o:.2f}, slide {s:.2f}); the risk below combines them.",
@@ -155,8 +155,10 @@ def slot_options(ev: dict) -> list[tuple[str, ...]]:
                            for t in (_ATTN_ONE if one else _ATTN)))
         for finding in img.get("findings", [])[:2]:
             slots.append(tuple(t.format(name=finding["name"], ratio=finding["ratio"]) for t in _MORPH))
-        for cell in img.get("cells", []):
-            slots.append(tuple(t.format(name=cell["name"], ratio=cell["ratio"]) for t in _CELLS))
+        if img.get("cells"):  # one sentence for all measures (three alike would read as a loop)
+            parts = [f"{c['name']} at {c['ratio']:.2f} times" for c in img["cells"]]
+            items = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+            slots.append(tuple(t.format(items=items) for t in _CELLS))
     for m in ev.get("missing", []):
         if m in _MISSING:
             slots.append(_MISSING[m])
