@@ -8,7 +8,8 @@ C-index on all, the score as the risk):
 - ``fused head``: the logistic head on the fused [omics, slide] embedding (``reasoning/fused_head.parquet``;
   fitted on the training split, its strength chosen on validation);
 - ``parsed text``: the risk parsed from the fusion LLM's generated text (``models/fusion/generations.jsonl``,
-  written by ``oncofm evaluate-fusion``), on the patients it was generated for.
+  written by ``oncofm evaluate-fusion``), on the patients it was generated for (when that is a sample, two more
+  groups: the patients with a generated text, and those of them with both modalities).
 
 Three groups: the patients **with both modalities** (pooled and per cancer type), the patients **without the
 slide modality** (where the fused head must not lose to omics: the missing-modality path) and **all** the
@@ -140,6 +141,12 @@ def compare_modalities(run: str | Path, *, split: str = "test", n_boot: int = 20
         g = without.drop(columns=["slide"]).assign(slide=np.nan)
         out["groups"]["without slide"] = group_comparison(g, n_boot, seed)
     out["groups"]["all"] = group_comparison(scores.assign(slide=np.nan), n_boot, seed)
+    texts = scores[scores["parsed text"].notna()]
+    if len(texts) and len(texts) < len(scores):  # evaluate-fusion generated for a sample: compare on it
+        out["groups"]["with a generated text"] = group_comparison(texts.assign(slide=np.nan), n_boot, seed)
+        with_both = texts[texts["slide"].notna()]
+        if len(with_both) >= 10 and with_both["label"].nunique() == 2:
+            out["groups"]["with a generated text and both modalities"] = group_comparison(with_both, n_boot, seed)
     text = format_comparison(out)
     target = layout.root / "evaluation" / f"modalities_{split}.json"
     write_json(out, target)

@@ -1,8 +1,9 @@
 """Evaluation of the generated explanations on the test split (from generated text only).
 
 - parse rate (malformed → unparsed, counted);
-- 5-year AUC of the parsed risk, beside the fused-embedding head (logistic regression on the same fused
-  embedding), the omics model and the slide model, all on the *same* labelled test patients
+- 5-year AUC of the parsed risk, beside the fused head (``reasoning/fused_head.parquet``: the stacked head on
+  the two models' logits, or the embedding head), the omics model and the slide model, all on the *same*
+  labelled test patients
   (unparsed texts count as risk 0.5 in the "all" AUC, and are dropped in the "parsed" AUC);
 - faithfulness and the rate of named genes that are not in the evidence (:mod:`.faithfulness`);
 - perplexity of the generated text under the base LLM (adapters off, no soft tokens) — fluency proxy;
@@ -247,7 +248,7 @@ def format_metrics(m: dict[str, Any]) -> list[str]:
 
     return [
         f"parse rate: {m['parse_rate']:.3f} ({m['n_parsed']}/{m['n_generated']} {m['split']} patients)",
-        f"AUC parsed risk: {m['auc_text']:.3f} | fused-embedding head: {m['auc_fused_head']:.3f} | "
+        f"AUC parsed risk: {m['auc_text']:.3f} | fused head: {m['auc_fused_head']:.3f} | "
         f"omics model: {m['auc_omics_model']:.3f} | slide model: {m['auc_slide_model_on_patients_with_slide']:.3f} "
         f"(n={m['n_with_slide']} with slide)",
         *([f"AUC parsed risk minus fused head: {_diff(m['auc_text_minus_fused_head'])} | minus omics model: "
