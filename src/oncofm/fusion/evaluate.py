@@ -199,7 +199,10 @@ def evaluate_fusion(settings: FusionEvaluateSettings) -> dict[str, Any]:
     risk = np.array([r["risk"] if r["parsed"] else 0.5 for r in rows])
     ids = [r["patient_id"] for r in rows]
     head = pd.read_parquet(layout.reasoning_dir / HEAD_FILE).set_index("patient_id")["prob"]
-    omics, slide = _model_probs(layout, "omics"), _model_probs(layout, "slide")
+    from oncofm.fusion.fuse import SLIDE_BRANCHES
+
+    # the slide branch the fusion model was trained on (MIL on patches, or the slide-feature model)
+    omics, slide = _model_probs(layout, "omics"), _model_probs(layout, SLIDE_BRANCHES[predictor.slide_branch])
     has_slide = np.array([i in slide.index for i in ids])
     head_p = head.reindex(ids).to_numpy()
     omics_p = omics.reindex(ids).fillna(0.5).to_numpy() if len(omics) else np.full(len(ids), np.nan)
