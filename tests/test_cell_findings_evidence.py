@@ -31,10 +31,9 @@ def tiled(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa:
 
 @pytest.fixture(scope="module")
 def cell_model(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    from test_cells import _tiny_settings, planted
-
     from oncofm.pathology.cells.model import CellModel
     from oncofm.pathology.cells.registry import design_class
+    from test_cells import _tiny_settings, planted
 
     tmp = tmp_path_factory.mktemp("cells")
     design = design_class("log-gbm").fit([planted(1), planted(2)], [planted(3)], _tiny_settings(tmp), tmp / "w")

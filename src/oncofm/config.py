@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from oncofm.errors import OncoFMError
+from oncofm.errors import OncoFMError, StageOutputsChanged
 from oncofm.io import write_text
 
 S = TypeVar("S", bound="StageSettings")
@@ -265,7 +265,8 @@ def check_stamp(settings: BaseModel, saved: StageStamp | None, what: str, *, ign
     if on_change == "redo":
         _log.warning("%s%s; redoing", header, "".join(f"; {c}" for c in changes))
         return False
-    raise OncoFMError("\n".join([header + (":" if changes else ""), *(f"  {c}" for c in changes), REDO_HINT]))
+    raise StageOutputsChanged("\n".join([header + (":" if changes else ""), *(f"  {c}" for c in changes),
+                                          REDO_HINT]))
 
 
 def check_stage(settings: BaseModel, stamp_path: str | Path, outputs: Sequence[str | Path], *,

@@ -35,3 +35,8 @@ class MissingArtifactError(OncoFMError, FileNotFoundError):
 
     def __init__(self, path: object, hint: str) -> None:
         super().__init__(f"{path} does not exist. {hint}")
+
+
+class StageOutputsChanged(OncoFMError):
+    """A stage's existing outputs were made with other settings or inputs, and the stage stops rather than
+    replace them (``oncofm.config.check_stage(on_change="stop")``); ``--redo`` replaces them."""

@@ -95,7 +95,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from oncofm.fusion import evidence as _evidence
-from oncofm.fusion.evidence import evidence_numbers
+from oncofm.fusion.evidence import evidence_numbers, ordinal
 from oncofm.fusion.faithfulness import _NUM, _WORD, _sentences
 from oncofm.fusion.parse import PREDICTION_RE, ParsedPrediction, parse_prediction
 from oncofm.fusion.templates import CLOSINGS, PROTECTIVE_WORDS, RISK_WORDS
@@ -507,7 +507,7 @@ class _Check:
             pct, ref = int(m.group(1)), m.group(2)
             want_ref = "all training" if (own.get("reference") or "all") == "all" else str(own["reference"])
             if own.get("percentile") is None or pct != int(own["percentile"]) or ref.lower() != want_ref.lower():
-                self.fail("image_feature_wrong", sentence, f"'{name}': {ordinal_text(pct)} percentile of {ref} "
+                self.fail("image_feature_wrong", sentence, f"'{name}': {ordinal(pct)} percentile of {ref} "
                                                            f"patients; the record has {own.get('percentile')} of "
                                                            f"{want_ref}")
                 ok = False
@@ -674,12 +674,6 @@ class _Check:
             covered.append((pos[hit], pos[-1] + n))
             self.fail("ngram_loop", self.sentences[words[pos[hit]][1]],
                       f"'{' '.join(gram)}' occurs {len(pos)} times ({r} within {window} words)")
-
-
-def ordinal_text(n: int) -> str:
-    from oncofm.fusion.evidence import ordinal
-
-    return ordinal(n)
 
 
 def check_explanation(text: str, evidence: dict, gene_vocabulary: set[str],

@@ -14,7 +14,7 @@ C-index on all, the score as the risk):
 Three groups: the patients **with both modalities** (pooled and per cancer type), the patients **without the
 slide modality** (where the fused head must not lose to omics: the missing-modality path) and **all** the
 split's patients. Differences are paired: every bootstrap resample scores both models on the same
-patients (:func:`oncofm.survival.metrics.paired_auc_difference`, and the same for the C-index). The
+patients (:func:`oncofm.survival.metrics.paired_auc_difference`, ``paired_c_index_difference``). The
 fused head is compared with the better single modality of each group, chosen by its point AUC on the
 group — a comparison, not a selection: nothing here is fitted or tuned.
 
@@ -36,28 +36,9 @@ from oncofm.paths import RunLayout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compare_modalities", "format_comparison", "group_comparison", "paired_c_difference"]
+__all__ = ["compare_modalities", "format_comparison", "group_comparison"]
 
 MODELS = ("omics", "slide", "fused head", "parsed text")
-
-
-def paired_c_difference(time: np.ndarray, event: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_boot: int = 1000,
-                        seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Harrell's C of ``a`` minus that of ``b`` on the same patients, with a paired percentile-bootstrap CI."""
-    from oncofm.survival.metrics import harrell_c_index
-
-    point = harrell_c_index(time, event, a) - harrell_c_index(time, event, b)
-    if len(time) < 10 or n_boot < 1:
-        return float(point), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(time), len(time))
-        if event[i].sum() == 0:
-            continue
-        diffs.append(harrell_c_index(time[i], event[i], a[i]) - harrell_c_index(time[i], event[i], b[i]))
-    alpha = (1 - level) / 2
-    return float(point), float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
 
 
 def _scores(layout: RunLayout, split: str) -> pd.DataFrame:
@@ -96,7 +77,12 @@ def _scores(layout: RunLayout, split: str) -> pd.DataFrame:
 
 def group_comparison(frame: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
     """Every model's AUC (CI) and C-index on ``frame``, and the fused head minus the better single modality."""
-    from oncofm.survival.metrics import bootstrap_auc, harrell_c_index, paired_auc_difference
+    from oncofm.survival.metrics import (
+        bootstrap_auc,
+        harrell_c_index,
+        paired_auc_difference,
+        paired_c_index_difference,
+    )
 
     lab = frame["label"].notna().to_numpy()
     y = frame["label"].to_numpy(float)[lab]
@@ -115,7 +101,7 @@ def group_comparison(frame: pd.DataFrame, n_boot: int, seed: int) -> dict[str, A
         best = max(singles, key=lambda m: res["models"][m]["auc"])
         fused, ref = frame["fused head"].to_numpy(float), frame[best].to_numpy(float)
         d_auc = paired_auc_difference(y, fused[lab], ref[lab], n_boot=n_boot, seed=seed)
-        d_c = paired_c_difference(t, e, fused, ref, n_boot=n_boot, seed=seed)
+        d_c = paired_c_index_difference(t, e, fused, ref, n_boot=n_boot, seed=seed)
         res["fused_vs_best"] = {"best_single": best, "auc_diff": d_auc, "c_diff": d_c}
     if "parsed text" in res["models"]:
         text, fused = frame["parsed text"].to_numpy(float), frame["fused head"].to_numpy(float)

@@ -162,14 +162,17 @@ def attention_concentration(attention: np.ndarray, top_fraction: float = 0.1) ->
     return float(a[:k].sum() / max(a.sum(), 1e-12))
 
 
+def _attended_is_the_slide(summary: PatchSummary, n_patches: int | None) -> bool:
+    """The attended patches are half the slide's ``n_patches`` or more: "x times the slide average" says nothing."""
+    return n_patches is not None and 2 * len(summary.patches) > n_patches
+
+
 def morphometric_findings(summary: PatchSummary | None, n_patches: int | None = None) -> list[dict[str, Any]]:
     """The most attended patches' mean morphometrics against the slide's, for :data:`MORPH_FEATURES`.
 
     None when the attended patches are half the slide's ``n_patches`` or more: they are then (nearly) the
     slide itself, and "x times the slide average" would say nothing."""
-    if summary is None or not summary.patches:
-        return []
-    if n_patches is not None and 2 * len(summary.patches) > n_patches:
+    if summary is None or not summary.patches or _attended_is_the_slide(summary, n_patches):
         return []
     top = {k: float(np.mean([p.morphometrics[k] for p in summary.patches])) for k in summary.patches[0].morphometrics}
     out = []
@@ -223,9 +226,7 @@ def cell_evidence(summary: PatchSummary | None, n_patches: int | None = None) ->
     with a ratio), under the rule of :func:`morphometric_findings` (nothing when the top patches are half the
     slide or more)."""
     cells = getattr(summary, "cells", None)
-    if not cells or summary is None or not summary.patches:
-        return []
-    if n_patches is not None and 2 * len(summary.patches) > n_patches:
+    if not cells or summary is None or not summary.patches or _attended_is_the_slide(summary, n_patches):
         return []
     out = []
     for key, name in CELL_MEASURES.items():

@@ -73,6 +73,15 @@ class _TooLarge(OncoFMError):
     pass
 
 
+async def _save_table_upload(upload: Any, stem: Path, max_bytes: int, kind: str) -> Path:
+    """Save an uploaded table under a server-chosen name whose suffix is read from its content (parquet
+    magic bytes, a tab in its head: TSV, else CSV)."""
+    tmp, _ = await _save_upload(upload, stem, max_bytes, kind)
+    head = tmp.read_bytes()[:4096]
+    suffix = ".parquet" if head[:4] == b"PAR1" else ".tsv" if b"\t" in head else ".csv"
+    return tmp.rename(stem.with_name(f"{stem.name}{suffix}"))
+
+
 async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, patient_id: str | None, cancer_type: str | None, mpp: float | None,
                       expression: Any, slide: Any, slide_features: Any = None) -> dict[str, Any]:
     """Save the uploads under server-chosen names and check their content; the job's explain settings."""
@@ -85,22 +94,12 @@ async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, pati
     if patient_id and patient_id not in {p["patient_id"] for p in demo_patients(settings.run)}:
         raise OncoFMError(f"unknown demo patient {patient_id!r}")
     inputs = job_dir / "inputs"
-    if expression is not None:
-        tmp, _ = await _save_upload(expression, inputs / "expression", max_bytes, "expression")
-        suffix = ".parquet" if (tmp.read_bytes()[:4] == b"PAR1") else ".csv"
-        if suffix == ".csv" and b"\t" in tmp.read_bytes()[:4096]:
-            suffix = ".tsv"
-        path = tmp.rename(inputs / f"expression{suffix}")
-        read_expression_file(path)  # parses, or OncoFMError saying what is wrong
-        params["expression"] = str(path)
-    if slide_features is not None:
-        tmp, _ = await _save_upload(slide_features, inputs / "slide_features", max_bytes, "slide features")
-        suffix = ".parquet" if (tmp.read_bytes()[:4] == b"PAR1") else ".csv"
-        if suffix == ".csv" and b"\t" in tmp.read_bytes()[:4096]:
-            suffix = ".tsv"
-        path = tmp.rename(inputs / f"slide_features{suffix}")
-        read_slide_features_file(path)  # parses, or OncoFMError saying what is wrong
-        params["slide_features"] = str(path)
+    for name, upload, reader in (("expression", expression, read_expression_file),
+                                 ("slide_features", slide_features, read_slide_features_file)):
+        if upload is not None:
+            path = await _save_table_upload(upload, inputs / name, max_bytes, name.replace("_", " "))
+            reader(path)  # parses, or OncoFMError saying what is wrong
+            params[name] = str(path)
     if slide is not None:
         tmp, head = await _save_upload(slide, inputs / "slide", max_bytes, "slide")
         ext = slide_extension(head, slide.filename)
