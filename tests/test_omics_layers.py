@@ -99,6 +99,53 @@ def test_layered_model_predicts_a_new_patient_as_the_stage_exported(layered) -> 
 
 
 @pytest.mark.slow
+def test_stored_exports_and_explain_give_the_same_alterations(layered, tmp_path) -> None:  # noqa: ANN001
+    """One inference path: a cohort patient's layer inputs, attributions and covariate effects as the
+    reasoning stage reads them (the stage's exports) equal those ``explain`` computes, and so do the
+    alterations of their evidence records; the report shows each input's contribution."""
+    import json
+
+    from oncofm.explain.pipeline import ExplainSettings, explain_patient
+    from oncofm.fusion.evidence import EvidenceSettings, build_evidence
+    from oncofm.omics.artifacts import OmicsArtifacts
+    from oncofm.omics.predict import stored_omics_results
+    from oncofm.paths import RunLayout
+
+    run, _ = layered
+    arts = OmicsArtifacts.of(run)
+    rows = pd.read_parquet(arts.layer_attributions)
+    assert set(rows["layer"]) == {"cnv", "mutation", "covariate"}
+    # unaltered values carry no attribution
+    assert (rows.loc[(rows["layer"] != "covariate") & (rows["value"] == 0), "attribution"] == 0).all()
+    patients = pd.read_parquet(run / "cohort" / "patients.parquet")
+    stored = stored_omics_results(RunLayout(run), patients)
+    mut = pd.read_parquet(run / "cohort" / "mutation.parquet")
+    lgg = patients[(patients["cancer_type"] == "LGG") & patients["patient_id"].isin(mut.index[mut["IDH1"] == 1])]
+    pid = str(lgg["patient_id"].iloc[0])
+    out = tmp_path / "report"
+    explain_patient(ExplainSettings(run=str(run), out=str(out), patient_id=pid))
+    rec = json.loads((out / "explanation.json").read_text())
+    s = stored[pid]
+    assert rec["omics"]["prob"] == pytest.approx(s.prob, abs=1e-5)
+    settings = EvidenceSettings(gene_rule="attribution")
+    want = build_evidence("LGG", None, s, None, None, settings).alterations
+    from oncofm.explain.pipeline import infer
+
+    ex = infer(ExplainSettings(run=str(run), out=str(tmp_path / "x"), patient_id=pid), tmp_path)
+    got = ex.omics.layer_inputs
+    pd.testing.assert_frame_equal(got[["layer", "feature", "value"]], s.layer_inputs[["layer", "feature", "value"]])
+    np.testing.assert_allclose(got["attribution"], s.layer_inputs["attribution"], atol=1e-5)
+    assert ex.omics.covariate_effects == pytest.approx(s.covariate_effects, abs=1e-5)
+    assert build_evidence("LGG", None, ex.omics, None, None, settings).alterations == want
+    idh1 = got.set_index("feature").loc["IDH1"]
+    assert idh1["value"] == 1 and idh1["attribution"] != 0
+    assert rec["evidence"]["alterations"] == build_evidence(
+        "LGG", rec["evidence"]["age"], s, None, None, EvidenceSettings()).alterations
+    html = (out / "report.html").read_text()
+    assert "id='layers'" in html and "Genomic and clinical inputs" in html
+
+
+@pytest.mark.slow
 def test_absent_layer_is_masked_not_zero_filled(layered) -> None:  # noqa: ANN001
     import torch
 

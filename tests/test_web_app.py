@@ -139,3 +139,25 @@ def test_slide_features_and_clinical_inputs_are_checked(client):
     r = client.post("/api/explain", files={"slide_features": ("hif.csv", ok, "text/csv")},
                     data={"cancer_type": "KIRC", "stage": "severe"})
     assert r.status_code == 400 and "--stage 'severe'" in r.json()["detail"]
+
+
+def test_cnv_and_mutation_inputs_are_checked_and_reach_the_job(client):
+    expr = b"gene,value\nHMMR,1.2\nCDK1,0.4\n"
+    hif = b"feature,value\nDENSITY [LYMPHOCYTE CELLS] IN [STROMA],412.5\n"
+    r = client.post("/api/explain", files={"cnv": ("cnv.csv", b"gene,level\nCDKN2A,-2\n", "text/csv"),
+                                           "slide_features": ("hif.csv", hif, "text/csv")},
+                    data={"cancer_type": "KIRC", "mutations": "TP53"})
+    assert r.status_code == 400 and "goes with an expression file" in r.json()["detail"]
+    r = client.post("/api/explain", files={"expression": ("e.csv", expr, "text/csv"),
+                                           "cnv": ("cnv.csv", b"gene,level\nCDKN2A,deleted\n", "text/csv")},
+                    data={"cancer_type": "KIRC"})
+    assert r.status_code == 400 and "must be numbers" in r.json()["detail"]
+    r = client.post("/api/explain", files={"expression": ("e.csv", expr, "text/csv")},
+                    data={"cancer_type": "KIRC", "mutations": "TP53, ../../etc/passwd"})
+    assert r.status_code == 400 and "gene symbols" in r.json()["detail"]
+    r = client.post("/api/explain", files={"expression": ("e.csv", expr, "text/csv"),
+                                           "cnv": ("cnv.csv", b"gene,level\nCDKN2A,-2\nEGFR,2\n", "text/csv")},
+                    data={"cancer_type": "KIRC", "mutations": "TP53 IDH1"})
+    assert r.status_code == 202, r.text
+    job = client.app.state.jobs.get(r.json()["id"])
+    assert job.params["mutations"] == ["IDH1", "TP53"] and job.params["cnv"].endswith("cnv.csv")

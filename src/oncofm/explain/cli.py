@@ -24,6 +24,12 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         stage: str | None = typer.Option(None, "--stage", help="AJCC stage of a new patient (I-IV, IIIA, "
                                          "'Stage IIB'); cited in the explanation."),
         grade: str | None = typer.Option(None, "--grade", help="Histological grade of a new patient (1-4, G3)."),
+        cnv: Path | None = typer.Option(None, "--cnv", help="Copy-number profile of a new patient (CSV/TSV/parquet: "
+                                        "gene,level rows or one row of gene columns; levels as the run's "
+                                        "cohort, e.g. GISTIC -2..2), for a multi-omics model."),
+        mutations: str | None = typer.Option(None, "--mutations", help="Mutated genes of a new patient: TP53,KRAS "
+                                             "or a file (one gene per line, or a MAF's Hugo_Symbol column); "
+                                             "unlisted genes count as wild-type."),
         slide: Path | None = typer.Option(None, "--slide", help="H&E slide or image (SVS, TIFF, NDPI, MRXS, "
                                           "DICOM, JPEG, PNG...)."),
         slide_features: Path | None = typer.Option(None, "--slide-features", help="Slide-level image features of a "
@@ -39,7 +45,8 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         """Explain one patient: predicted 5-year outcome, generated reasoning, attention heatmap.
 
         Give a patient of the run (--patient-id) or a new patient (--expression, --slide and/or
-        --slide-features with --cancer-type). Writes OUT/report.html (one self-contained file), OUT/explanation.json and
+        --slide-features with --cancer-type; --cnv, --mutations, --stage, --grade optional). Writes
+        OUT/report.html (one self-contained file), OUT/explanation.json and
         OUT/heatmap.png. A missing modality or model becomes a note in the report; bad input stops
         with a message and writes nothing. Research use only, not for clinical decisions.
         """
@@ -48,7 +55,7 @@ def register(app: typer.Typer, train_app: typer.Typer) -> None:
         settings = ExplainSettings.build(
             run=str(run), out=str(out), patient_id=patient_id,
             expression=None if expression is None else str(expression), cancer_type=cancer_type, age=age, sex=sex,
-            stage=stage, grade=grade,
+            stage=stage, grade=grade, cnv=None if cnv is None else str(cnv), mutations=mutations,
             slide=None if slide is None else str(slide), mpp=mpp, top_genes=top_genes,
             slide_features=None if slide_features is None else str(slide_features),
             top_patches=top_patches, min_gene_fraction=min_gene_fraction)

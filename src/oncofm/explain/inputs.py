@@ -139,6 +139,98 @@ def read_slide_features_file(path: str | Path) -> pd.Series:
     return values.astype(float).rename("slide_features")
 
 
+def read_cnv_file(path: str | Path) -> pd.Series:
+    """Read one patient's copy-number profile: ``gene, level`` rows, or one row with a column per gene (a
+    first text column taken as the patient ID). Levels as in the training cohort (tcga13: GISTIC thresholded
+    -2 deep deletion .. 2 amplification); empty = not measured; the values are checked when the model runs
+    (:func:`oncofm.omics.predict.validate_layer_inputs`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OncoFMError(f"copy-number file {path} does not exist")
+    df = _read_table(path, what="copy-number")
+    if df.shape[1] == 2 and not _is_numeric(df.iloc[:, 0]):
+        raw = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).str.strip())
+    else:
+        if df.shape[0] != 1:
+            raise OncoFMError(f"{path}: {df.shape[0]} rows; give one patient: gene,level rows or one row with a "
+                              "column per gene")
+        raw = df.iloc[0]
+        if not _is_numeric(df.iloc[:, 0]):
+            raw = raw.iloc[1:]
+        raw.index = raw.index.astype(str).str.strip()
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = [str(k) for k, v in raw.items() if pd.isna(values[k]) and not (pd.isna(v) or str(v).strip() == "")]
+    if bad:
+        raise OncoFMError(f"{path}: copy-number levels must be numbers (e.g. -2..2); not for {', '.join(bad[:5])}")
+    if raw.index.duplicated().any():
+        raise OncoFMError(f"{path}: gene {raw.index[raw.index.duplicated()][0]!r} is given twice")
+    if values.notna().sum() == 0:
+        raise OncoFMError(f"{path}: no copy-number levels found; expected gene,level rows")
+    return values.astype(float).rename("cnv")
+
+
+#: a gene symbol as a mutation list may name it (HGNC-like: letters, digits, '-', '.', '_')
+GENE_SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,30}$")
+
+
+def parse_mutations(value: str | Path | list[str]) -> list[str]:
+    """A new patient's mutated genes: a list of symbols, a comma- (or space-) separated string (``TP53,KRAS``),
+    or a file with one gene per line, a ``Hugo_Symbol`` column (a MAF) or a ``gene`` column (a string is read
+    as a file only by the command line; the web app passes lists). Genes not listed count as wild-type. An
+    empty list is allowed (every gene wild-type)."""
+    if isinstance(value, list | tuple):
+        genes = [str(g).strip() for g in value if str(g).strip()]
+        bad = [g for g in genes if not GENE_SYMBOL.match(g)]
+        if bad:
+            raise OncoFMError(f"mutations: {', '.join(repr(b) for b in bad[:5])} do not look like gene symbols; "
+                              "give HGNC symbols such as TP53,KRAS")
+        return sorted(set(genes))
+    text = str(value).strip()
+    path = Path(text)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt", ".maf", ".gz", ".parquet") or path.is_file():
+        if not path.is_file():
+            raise OncoFMError(f"mutation file {path} does not exist")
+        if path.name.lower().endswith((".csv", ".tsv", ".maf", ".parquet", ".csv.gz", ".tsv.gz", ".maf.gz")):
+            df = (pd.read_parquet(path) if path.suffix.lower() == ".parquet" else
+                  pd.read_csv(path, sep="," if ".csv" in path.name.lower() else "\t", comment="#", dtype=str))
+            cols = {str(c).lower(): c for c in df.columns}
+            col = cols.get("hugo_symbol") or cols.get("gene") or cols.get("symbol")
+            if col is None:
+                raise OncoFMError(f"{path}: no Hugo_Symbol or gene column (columns: {', '.join(map(str, df.columns[:8]))})")
+            genes = df[col].dropna().astype(str).str.strip().tolist()
+        else:
+            genes = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    else:
+        genes = [g for g in re.split(r"[,;\s]+", text) if g]
+    bad = [g for g in genes if not GENE_SYMBOL.match(g)]
+    if bad:
+        raise OncoFMError(f"mutations: {', '.join(repr(b) for b in bad[:5])} do not look like gene symbols; give HGNC "
+                          "symbols such as TP53,KRAS (or a file with one per line)")
+    return sorted(set(genes))
+
+
+def layer_input_notes(patient: PatientInput, features: dict[str, list[str]]) -> list[str]:
+    """Notes for the report on a new patient's CNV / mutation input: inputs an expression-only model ignores,
+    and listed genes that are not among the model's features (they cannot change its prediction)."""
+    notes = []
+    given = {"cnv": patient.cnv, "mutation": patient.mutation}
+    for layer, value in given.items():
+        if value is None or patient.source == "cohort":
+            continue
+        what = "copy-number profile" if layer == "cnv" else "mutation list"
+        if layer not in features:
+            notes.append(f"the {what} was not used: this run's omics model was trained without {layer} input")
+            continue
+        names = list(value) if isinstance(value, list) else [str(g) for g in pd.Series(value).dropna().index]
+        unused = sorted(set(names) - set(features[layer]))
+        used = len(set(names) & set(features[layer]))
+        if unused:
+            notes.append(f"{what}: {used} of the model's {len(features[layer])} {layer} features given; "
+                         f"{len(unused)} listed genes are not model features and were not used "
+                         f"({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''})")
+    return notes
+
+
 def _read_table(path: Path, what: str = "expression") -> pd.DataFrame:
     name = path.name.lower()
     try:
@@ -182,6 +274,12 @@ def cohort_patient(layout: RunLayout, patient_id: str) -> PatientInput:
         table = pd.read_parquet(layout.slide_features)
         if patient_id in table.index:
             features = table.loc[patient_id, slide_feature_names(table)].astype(float)
+    layers = {}
+    for name, path in (("cnv", layout.cnv), ("mutation", layout.mutation)):  # what a multi-omics model reads
+        if path.exists():
+            matrix = pd.read_parquet(path)
+            if patient_id in matrix.index:
+                layers[name] = matrix.loc[patient_id].astype(float)
     age = patients.loc[patient_id].get(Col.AGE)
     sex = patients.loc[patient_id].get(Col.SEX)
     stage, grade = patients.loc[patient_id].get(Col.STAGE), patients.loc[patient_id].get(Col.GRADE)
@@ -189,6 +287,7 @@ def cohort_patient(layout: RunLayout, patient_id: str) -> PatientInput:
                         slide=slide, mpp=mpp, source="cohort", split=split,
                         age=float(age) if age is not None and pd.notna(age) else None,
                         sex=str(sex) if sex is not None and pd.notna(sex) else None, slide_features=features,
+                        cnv=layers.get("cnv"), mutation=layers.get("mutation"),
                         stage=float(stage) if stage is not None and pd.notna(stage) else None,
                         grade=float(grade) if grade is not None and pd.notna(grade) else None)
 
@@ -246,15 +345,38 @@ def _check_sex(sex: str | None) -> str | None:
     return value
 
 
+def _new_patient(cancer_type: str, *, expression: str | Path | None, age: float | None, sex: str | None,
+                 slide_features: str | Path | None, stage: str | None, grade: str | None, cnv: str | Path | None,
+                 mutations: str | Path | list[str] | None) -> PatientInput:
+    """A new patient from uploaded files and values, each read and validated."""
+    patient = PatientInput(patient_id="new-patient", cancer_type=cancer_type, expression=None,
+                           slide=None, mpp=None, source="upload", age=age, sex=_check_sex(sex))
+    if expression:
+        patient.expression = read_expression_file(expression)
+        patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
+    if slide_features:
+        patient.slide_features = read_slide_features_file(slide_features)
+    patient.stage, patient.grade = parse_clinical_input(stage, "stage"), parse_clinical_input(grade, "grade")
+    if cnv:
+        patient.cnv = read_cnv_file(cnv)
+    if mutations is not None:
+        patient.mutation = parse_mutations(mutations)
+    return patient
+
+
 def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: str | Path | None,
                     cancer_type: str | None, slide: str | Path | None, mpp: float | None,
                     age: float | None = None, sex: str | None = None,
                     slide_features: str | Path | None = None, stage: str | None = None,
-                    grade: str | None = None) -> PatientInput:
+                    grade: str | None = None, cnv: str | Path | None = None,
+                    mutations: str | Path | list[str] | None = None) -> PatientInput:
     """Turn the command-line choices into one :class:`PatientInput`, validating each."""
-    if patient_id and (expression or slide_features):
+    if patient_id and (expression or slide_features or cnv or mutations is not None):
         raise OncoFMError("give either --patient-id (a patient of the run) or a new patient's files "
-                          "(--expression / --slide / --slide-features), not both")
+                          "(--expression / --slide / --slide-features / --cnv / --mutations), not both")
+    if (cnv or mutations is not None) and not expression:
+        raise OncoFMError("--cnv / --mutations go with --expression: the omics model reads them beside a "
+                          "patient's expression profile")
     if not patient_id and not expression and not slide and not slide_features:
         raise OncoFMError("nothing to explain: give --patient-id, or --expression FILE, --slide FILE and/or "
                           "--slide-features FILE")
@@ -271,14 +393,8 @@ def resolve_patient(layout: RunLayout, *, patient_id: str | None, expression: st
         if not cancer_type:
             raise OncoFMError("--cancer-type is required with --expression/--slide/--slide-features (one of "
                               f"{', '.join(known_cancer_types(layout))})")
-        patient = PatientInput(patient_id="new-patient", cancer_type=cancer_type, expression=None,
-                               slide=None, mpp=None, source="upload", age=age, sex=_check_sex(sex))
-        if expression:
-            patient.expression = read_expression_file(expression)
-            patient.patient_id = Path(expression).name.split(".")[0] or "new-patient"
-        if slide_features:
-            patient.slide_features = read_slide_features_file(slide_features)
-        patient.stage, patient.grade = parse_clinical_input(stage, "stage"), parse_clinical_input(grade, "grade")
+        patient = _new_patient(cancer_type, expression=expression, age=age, sex=sex, slide_features=slide_features,
+                               stage=stage, grade=grade, cnv=cnv, mutations=mutations)
     patient.cancer_type, seen = resolve_cancer_type(patient.cancer_type, layout, check_format=not patient_id)
     if not seen:
         note = unseen_cancer_type_note(patient.cancer_type, known_cancer_types(layout))

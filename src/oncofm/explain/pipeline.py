@@ -33,7 +33,7 @@ from oncofm.cohort.patient import PatientInput
 from oncofm.config import StageSettings
 from oncofm.errors import OncoFMError
 from oncofm.explain.context import CohortContext, cohort_context
-from oncofm.explain.inputs import resolve_patient
+from oncofm.explain.inputs import layer_input_notes, resolve_patient
 from oncofm.fusion.checker import CheckResult, check_explanation
 from oncofm.fusion.evidence import Evidence, EvidenceSettings, build_evidence
 from oncofm.fusion.predict import FusionPredictor, FusionResult
@@ -78,6 +78,11 @@ class ExplainSettings(StageSettings):
     mpp: float | None = Field(None, description="microns per pixel, for slides that do not store it")
     stage: str | None = Field(None, description="AJCC stage of a new patient (I-IV, 'Stage IIIA', ...)")
     grade: str | None = Field(None, description="histological grade of a new patient (1-4, G1-G4, ...)")
+    cnv: str | None = Field(None, description="copy-number profile of a new patient (CSV/TSV/parquet: gene,level "
+                            "rows or one row of gene columns; levels as the cohort's, e.g. GISTIC -2..2)")
+    mutations: str | list[str] | None = Field(None, description="mutated genes of a new patient: a list, a "
+                                              "comma-separated string (TP53,KRAS), or a file with one gene per "
+                                              "line or a Hugo_Symbol column (MAF)")
     min_gene_fraction: float = Field(0.5, gt=0, le=1, description="share of the model's genes required")
     top_genes: int = Field(15, ge=1, le=100, description="genes shown in the contribution chart")
     top_patches: int = Field(8, ge=1, le=32, description="most attended patches shown in the gallery")
@@ -257,7 +262,8 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
     patient = resolve_patient(layout, patient_id=settings.patient_id, expression=settings.expression,
                               cancer_type=settings.cancer_type, slide=settings.slide, mpp=settings.mpp,
                               age=settings.age, sex=settings.sex, slide_features=settings.slide_features,
-                              stage=settings.stage, grade=settings.grade)
+                              stage=settings.stage, grade=settings.grade, cnv=settings.cnv,
+                              mutations=settings.mutations)
     models = predictors or Predictors.from_run(layout, min_gene_fraction=settings.min_gene_fraction)
     ex = Explanation(patient=patient, settings=settings)
     step = ex.log
@@ -275,6 +281,8 @@ def infer(settings: ExplainSettings, workdir: Path, predictors: Predictors | Non
         step.note(f"the run has no omics model ({layout.model_dir('omics')}): run `oncofm train omics`")
     else:
         ex.omics = step.timed("omics", models.omics.predict, patient, workdir)
+        for note in layer_input_notes(patient, getattr(models.omics, "layer_features", {})):
+            step.note(note)
 
     tell("slide", 0.3)
     if patient.slide is None:

@@ -42,6 +42,15 @@ Faithfulness (the body against the evidence record)
 - ``cancer_type_misstated``: *This is a X patient* / *The patient has X* / *Cancer type: X* /
   *diagnosed with X*, with X an upper-case code, names another cancer type than the record's.
 
+- ``alteration_not_in_evidence``: a genomic alteration is stated — a gene symbol followed by a state word
+  (*mutated / mutation / mutant / wild-type*, *amplification / amplified*, *(copy-number) gain*, *shallow /
+  deep deletion*, *deletion / deleted*, *(copy-number) loss*) — that is not one of the record's cited
+  alterations of that layer (mutation or copy number).
+- ``alteration_wrong``: a record alteration is stated with another state (*amplification* for a deep
+  deletion; *deletion* covers both deletion levels), a fact in the parentheses after it (``level -2``,
+  ``Cox -``, ``q 0.001``, *(not) significant*) differs from the record, or its clause's direction (or the
+  list's heading: "Genomic alterations that raise the risk: ...") is the opposite of the record's.
+
 Consistency of the verdict (the prediction line against the models and the body)
 
 - ``verdict_words_vs_risk``: the outcome words must say *death* iff the stated risk is >= 0.5.
@@ -95,7 +104,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from oncofm.fusion import evidence as _evidence
-from oncofm.fusion.evidence import evidence_numbers, ordinal
+from oncofm.fusion.evidence import ALTERATION_RE, evidence_numbers, ordinal
 from oncofm.fusion.faithfulness import _NUM, _WORD, _sentences
 from oncofm.fusion.parse import PREDICTION_RE, ParsedPrediction, parse_prediction
 from oncofm.fusion.templates import CLOSINGS, PROTECTIVE_WORDS, RISK_WORDS
@@ -114,6 +123,10 @@ RULES: dict[str, str] = {
                                      "does not hold",
     "image_feature_wrong": "an image feature's percentile, its reference cancer type or the direction of its "
                            "clause differs from the record",
+    "alteration_not_in_evidence": "a genomic alteration (gene + mutated / amplification / deletion ...) is stated "
+                                  "that the record does not cite",
+    "alteration_wrong": "a record alteration's state, level, Cox sign, q-value, significance or direction differs "
+                        "from the record",
     "clinical_misstated": "a stage or grade is stated that differs from the record's (or the record has none)",
     "modality_misstated": "a modality is said to be missing though present, or a missing one is reported on",
     "cancer_type_misstated": "the text names another cancer type than the record's",
@@ -157,7 +170,8 @@ class Failure:
 
 
 _COUNTS = ("genes_named", "genes_in_evidence", "directions", "directions_ok", "numbers", "numbers_ok",
-           "significance", "significance_ok", "image_features", "image_features_ok", "sentences",
+           "significance", "significance_ok", "image_features", "image_features_ok", "alterations",
+           "alterations_ok", "sentences",
            "repeated_sentences")
 
 
@@ -177,6 +191,8 @@ class CheckResult:
     significance_ok: int = 0
     image_features: int = 0  # image-feature citations checked (name, percentile, reference, direction)
     image_features_ok: int = 0
+    alterations: int = 0  # genomic-alteration citations checked (state, facts, direction)
+    alterations_ok: int = 0
     sentences: int = 0  # sentences of the body
     repeated_sentences: int = 0  # distinct sentences that occur twice or more
     prediction: dict[str, Any] | None = None  # {"death", "risk"} of the parsed prediction line
@@ -189,14 +205,15 @@ class CheckResult:
 
     @property
     def claims(self) -> int:
-        return self.genes_named + self.directions + self.numbers + self.significance + self.image_features
+        return (self.genes_named + self.directions + self.numbers + self.significance + self.image_features
+                + self.alterations)
 
     @property
     def faithfulness(self) -> float:
-        """Agreeing claims (genes, directions, numbers, significance words, image features) / claims; 1.0
-        with none."""
+        """Agreeing claims (genes, directions, numbers, significance words, image features, alterations) /
+        claims; 1.0 with none."""
         ok = (self.genes_in_evidence + self.directions_ok + self.numbers_ok + self.significance_ok
-              + self.image_features_ok)
+              + self.image_features_ok + self.alterations_ok)
         return 1.0 if self.claims == 0 else ok / self.claims
 
     @property
@@ -245,6 +262,17 @@ _PAREN = re.compile(r"\([^()]*\)")
 _PERCENTILE = re.compile(r"\(\s*(\d+)(?:st|nd|rd|th) percentile of (all training|[A-Za-z0-9-]+) patients\s*\)",
                          re.IGNORECASE)
 _IMAGE_MASK = "the image feature"
+_ALT_MASK = "the alteration"
+_MUTATION_WORDS = ("mutated", "mutation", "mutant", "wild-type", "wild type")
+_ALTERATION = ALTERATION_RE
+#: the words a text may use for each state of the record (evidence.ALTERATION_STATES plus synonyms)
+_STATE_WORDS = {"mutated": {"mutated", "mutation", "mutant"}, "wild-type": {"wild-type", "wild type"},
+                "amplification": {"amplification", "amplified"}, "copy-number gain": {"copy-number gain", "gain"},
+                "no copy-number change": {"no copy-number change"},
+                "shallow deletion": {"shallow deletion", "deletion", "deleted", "copy-number loss", "loss"},
+                "deep deletion": {"deep deletion", "deletion", "deleted", "copy-number loss", "loss"},
+                "copy-number loss": {"copy-number loss", "loss", "deletion", "deleted"}}
+_LEVEL = re.compile(r"\blevel\s*[:=]?\s*([+-]?\d+(?:\.\d+)?)(?!\d|\.\d)", re.IGNORECASE)
 _STAGE = re.compile(r"\bstage\s+(IV|III|II|I|[0-4])\b(?![-\w]|\.\d)", re.IGNORECASE)
 _GRADE = re.compile(r"\bgrade\s+([0-4])\b(?![-\w]|\.\d)", re.IGNORECASE)
 _ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4}
@@ -341,6 +369,7 @@ class _Check:
         self.allowed = self._allowed_numbers()
         self.claims: dict[str, list[tuple[str, str]]] = defaultdict(list)  # gene -> [(direction, sentence)]
         self.image = {str(f["name"]).lower(): f for f in evidence.get("image_features") or []}
+        self.alterations = {(str(a["gene"]), str(a["layer"])): a for a in evidence.get("alterations") or []}
 
     def fail(self, rule: str, statement: str, detail: str) -> None:
         self.failures.append(Failure(rule, _short(statement), detail))
@@ -448,6 +477,7 @@ class _Check:
 
     def check_sentence(self, sentence: str) -> None:
         sentence = self._image_features(sentence)  # checked here; masked for the gene and number rules
+        sentence = self._alterations(sentence)  # likewise
         self._clinical(sentence)
         self._modalities(sentence)
         self._cancer_type(sentence)
@@ -468,20 +498,75 @@ class _Check:
                 stop = mentions[k + 1][1] if k + 1 < len(mentions) else len(clause)
                 self._numbers(clause[end:stop], sentence, gene)
 
+    def _alterations(self, sentence: str) -> str:
+        """Check every stated genomic alteration of ``sentence`` (:data:`_ALTERATION`) against the record's
+        cited alterations and return the sentence with them (and their parenthesised facts) masked, so the
+        gene and number rules do not read a mutated gene as an expression gene."""
+        spans = []
+        for m in _ALTERATION.finditer(sentence):
+            gene, word = m.group(1), re.sub(r"\s+", " ", m.group(2).lower()).replace("copy number", "copy-number")
+            layer = "mutation" if word in _MUTATION_WORDS else "cnv"
+            if gene == str(self.ev.get("cancer_type") or ""):
+                continue
+            self.n["alterations"] += 1
+            spans.append(m.span())
+            own = self.alterations.get((gene, layer))
+            if own is None:
+                what = "mutation" if layer == "mutation" else "copy-number change"
+                self.fail("alteration_not_in_evidence", sentence, f"{gene} {m.group(2)}: the record cites no {what} "
+                                                                  f"of {gene}")
+                continue
+            problems = self._alteration_problems(own, word, m.group(2), m.group(3) or "")
+            said = _direction(self._clause_at(sentence, m.start()))
+            want = "risk" if own["effect"] == "raises" else "protective"
+            if said is not None and said != want:
+                problems.append(f"stated in a {said} clause; the record says it {own['effect']} the risk")
+            if problems:
+                self.fail("alteration_wrong", sentence, f"{gene} {own['state']}: " + "; ".join(problems))
+            else:
+                self.n["alterations_ok"] += 1
+        for a, b in sorted(spans, reverse=True):
+            sentence = f"{sentence[:a]} {_ALT_MASK}{sentence[b:]}"
+        return sentence
+
+    def _alteration_problems(self, own: dict, word: str, written: str, facts: str) -> list[str]:
+        """What differs between a stated alteration (its state ``word`` and parenthesised ``facts``) and the
+        record's ``own``."""
+        problems = []
+        if word not in _STATE_WORDS.get(str(own["state"]), {str(own["state"])}):
+            problems.append(f"'{written}', the record has {own['state']}")
+        for f in _LEVEL.finditer(facts):
+            tok = f.group(1)
+            if own.get("level") is None or not _agrees(float(tok), tok, [float(own["level"])]):
+                problems.append(f"level {tok}, the record has {own.get('level')}")
+        for f in _COX.finditer(facts):
+            if f.group(1) != own.get("cox"):
+                problems.append(f"Cox {f.group(1)}, the record has {own.get('cox')}")
+        for f in _Q.finditer(facts):
+            if not _q_agrees(f.group(1), own.get("q")):
+                problems.append(f"q {f.group(1)}, the record has {own.get('q')}")
+        for f in _SIG.finditer(facts):
+            q = own.get("q")
+            if (f.group("neg") is None) != (q is not None and float(q) < self.s.significance_q):
+                problems.append(f"called '{f.group(0)}' with q {q}")
+        return problems
+
+    @staticmethod
+    def _clause_at(sentence: str, pos: int) -> str:
+        """The list item around ``pos`` (between ``;`` / ``:``) with the sentence's heading before its first
+        ``:`` ("Image features that raise the risk: a (..); b (..)": the heading states the direction)."""
+        whole = next((m.group(0) for m in re.finditer(r"[^;:]+", sentence) if m.start() <= pos < m.end()), sentence)
+        head = sentence[: sentence.find(":")] if ":" in sentence else ""
+        return f"{head} {whole}"
+
     def _image_features(self, sentence: str) -> str:
         """Check every cited image feature of ``sentence`` — ``<name> (92nd percentile of LUAD patients)`` and
         any record feature named without a percentile — and return the sentence with them masked (their
         names hold numbers such as "80 µm" that are part of the name, not claims)."""
         spans: list[tuple[int, int]] = []
-        clauses = [(m.start(), m.end()) for m in re.finditer(r"[^;:]+", sentence)]
-
-        def clause_of(pos: int) -> str:
-            whole = next((sentence[a:b] for a, b in clauses if a <= pos < b), sentence)
-            head = sentence[: sentence.find(":")] if ":" in sentence else ""
-            return f"{head} {whole}"  # "Image features that raise the risk: a (..); b (..)": the head says it
 
         def direction_ok(f: dict, pos: int, stmt: str) -> bool:
-            said = _direction(clause_of(pos))
+            said = _direction(self._clause_at(sentence, pos))
             want = "risk" if f["effect"] == "raises" else "protective"
             if said is not None and said != want:
                 self.fail("image_feature_wrong", stmt, f"'{f['name']}' is stated in a {said} clause; the record "

@@ -15,7 +15,9 @@ probability; image findings from the most attended patches (how concentrated the
 morphometrics against the slide's average) or, when the slide branch is the slide-feature model
 (:mod:`oncofm.pathology.feature_model`), the whole-slide image features behind its prediction (the largest
 integrated-gradient attributions of each sign, in words, with the patient's percentile within its cancer
-type); and which modalities are missing.
+type); for a multi-omics model, the genomic alterations behind its prediction (copy-number changes and
+mutations with the largest attributions of each sign, each with its state, Cox sign and q in the patient's
+cancer type); and which modalities are missing.
 
 :class:`Evidence` renders the LLM prompt (:meth:`Evidence.prompt`) and lists the numbers a checker may
 find in a text (:meth:`Evidence.numbers`); :meth:`Evidence.to_dict` is the JSON form stored in
@@ -25,6 +27,7 @@ find in a text (:meth:`Evidence.numbers`); :meth:`Evidence.to_dict` is the JSON 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from oncofm.pathology.predict import PatchSummary, SlideResult
 
 __all__ = ["Evidence", "EvidenceSettings", "MORPH_FEATURES", "SIGNIFICANCE_Q", "attention_concentration",
+           "alteration_evidence", "alteration_facts", "alteration_phrase", "alteration_state", "ALTERATION_RE", "ALTERATION_STATES",
            "build_evidence", "cox_agrees", "evidence_numbers", "evidence_prompt", "gene_facts",
            "image_feature_evidence", "ordinal", "percentile_phrase", "significance"]
 
@@ -46,6 +50,22 @@ MORPH_FEATURES = {"nuclei_density": "nuclear density", "hematoxylin_od": "hemato
 CELL_MEASURES = {"inflammatory_density": "density of inflammatory cells",
                  "epithelial_fraction": "share of tumour (epithelial) cells",
                  "stromal_fraction": "share of stromal cells"}
+
+
+#: the words of an alteration's state by layer and level (copy number: GISTIC-thresholded levels, as tcga13)
+ALTERATION_STATES: dict[str, dict[int, str]] = {
+    "mutation": {1: "mutated", 0: "wild-type"},
+    "cnv": {2: "amplification", 1: "copy-number gain", 0: "no copy-number change", -1: "shallow deletion",
+            -2: "deep deletion"},
+}
+
+
+#: a stated alteration in a text: gene symbol, state word (``mutated``, ``deep deletion``, synonyms), and the
+#: parenthesised facts after it (the checker's rules ``alteration_not_in_evidence`` / ``alteration_wrong``)
+ALTERATION_RE = re.compile(
+    r"\b([A-Z][A-Z0-9]*(?:[.-][A-Z0-9]+)*)\s+(?i:(deep deletion|shallow deletion|copy[- ]number gain|copy[- ]number "
+    r"loss|no copy[- ]number change|amplification|amplified|deletion|deleted|gain|loss|mutated|mutation|mutant|"
+    r"wild[- ]type))\b(\s*\([^()]*\))?")
 
 
 class EvidenceSettings(BaseModel):
@@ -64,6 +84,12 @@ class EvidenceSettings(BaseModel):
     seed: int = Field(0, description="seed of the reference-patch sample")
     top_image_features: int = Field(2, ge=0, le=10, description="whole-slide image features cited per direction "
                                     "(slide-feature model: the largest attributions that raise / lower the risk)")
+    top_alterations: int = Field(2, ge=0, le=10, description="genomic alterations (copy number, mutations) cited "
+                                 "per direction (a multi-omics model: the largest attributions that raise / lower "
+                                 "the risk, under gene_rule)")
+    min_alteration_attribution: float = Field(0.01, ge=0, description="smallest |attribution| (logit) of a cited "
+                                              "alteration: most altered features move this model's logit by "
+                                              "less than 0.001 (tcga13 median 0.0003), too little to state")
 
 
 @dataclass
@@ -87,6 +113,9 @@ class Evidence:
     #: whole-slide image features as ``{feature, name, effect: raises|lowers, percentile, reference, value,
     #: attribution}`` (slide-feature model only)
     image_features: list[dict[str, Any]] = field(default_factory=list)
+    #: genomic alterations as ``{layer: cnv|mutation, gene, state, level, cox, q, effect: raises|lowers,
+    #: attribution}`` (a multi-omics model only)
+    alterations: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,6 +235,49 @@ def image_feature_evidence(attributions: pd.DataFrame, top: int, reference: str)
     return out
 
 
+def alteration_state(layer: str, value: float) -> str:
+    """An alteration's state in words: ``mutated``, ``deep deletion``, ...; copy-number values that are not a
+    thresholded level read ``copy-number gain`` / ``copy-number loss`` by sign."""
+    level = round(float(value))
+    states = ALTERATION_STATES.get(layer, {})
+    if abs(float(value) - level) < 1e-6 and level in states:
+        return states[level]
+    if layer == "cnv":
+        return "copy-number gain" if value > 0 else "copy-number loss"
+    return f"{layer} {value:g}"
+
+
+def alteration_evidence(layer_inputs: pd.DataFrame | None, top: int, rule: str = "consistent",
+                        min_attribution: float = 0.0) -> list[dict[str, Any]]:
+    """The genomic alterations an explanation cites: the ``top`` largest attributions that raise the risk and
+    the ``top`` that lower it, over the CNV and mutation layers of ``layer_inputs`` (``layer, feature, value,
+    coef, q, attribution``: :attr:`~oncofm.omics.predict.OmicsResult.layer_inputs`). Unmeasured and unaltered
+    values (attribution 0: wild-type, no copy-number change) are never cited, nor those with |attribution| below
+    ``min_attribution``; under rule ``consistent`` only those whose direction agrees with the univariate Cox
+    evidence, sign(level x coef), as for genes."""
+    if layer_inputs is None or top < 1 or not len(layer_inputs) or "attribution" not in layer_inputs:
+        return []
+    value = layer_inputs["value"].to_numpy(float)
+    att = layer_inputs["attribution"].to_numpy(float)
+    keep = np.isfinite(value) & np.isfinite(att) & (value != 0)
+    t = layer_inputs[keep & (np.abs(np.nan_to_num(att)) > 0) & (np.abs(np.nan_to_num(att)) >= min_attribution)].copy()
+    if rule == "consistent":
+        t = t[cox_agrees(t.rename(columns={"value": "expression_z"}))]
+    out = []
+    for effect, part in (("raises", t[t["attribution"] > 0].sort_values("attribution", ascending=False,
+                                                                          kind="stable")),
+                         ("lowers", t[t["attribution"] < 0].sort_values("attribution", kind="stable"))):
+        for row in part.head(top).itertuples(index=False):
+            coef, q = float(row.coef), float(row.q)
+            out.append({"layer": str(row.layer), "gene": str(row.feature),
+                        "state": alteration_state(str(row.layer), float(row.value)),
+                        "level": _r(row.value, 2) if row.layer == "cnv" else None,
+                        "cox": None if math.isnan(coef) else ("+" if coef > 0 else "-"),
+                        "q": None if math.isnan(q) else float(f"{q:.2g}"), "effect": effect,
+                        "attribution": _r(row.attribution, 4)})
+    return out
+
+
 def clinical_level(value: Any, kind: Literal["stage", "grade"]) -> int | None:
     """A stage or grade as 1-4 from a number or text ("Stage IIIA", "G3": :mod:`oncofm.cohort.clinical`'s
     mapping); None when unknown."""
@@ -250,6 +322,8 @@ def build_evidence(cancer_type: str, age: float | None, omics: OmicsResult | Non
         ev.omics_prob = _r(omics.prob, 2)
         ev.risk_genes, ev.protective_genes = gene_evidence(omics.attributions, settings.top_genes,
                                                            settings.gene_rule)
+        ev.alterations = alteration_evidence(getattr(omics, "layer_inputs", None), settings.top_alterations,
+                                             settings.gene_rule, settings.min_alteration_attribution)
     if slide is None:
         ev.missing.append("slide")
     elif hasattr(slide, "attributions"):  # the slide-feature model: features in words, no patches
@@ -296,6 +370,25 @@ def gene_facts(x: dict) -> list[str]:
     return facts
 
 
+def alteration_facts(x: dict) -> list[str]:
+    """The facts of one cited alteration, as text: the copy-number level, Cox sign, FDR q (those present)."""
+    facts = []
+    if x.get("level") is not None:
+        facts.append(f"level {x['level']:+g}")
+    if x.get("cox"):
+        facts.append(f"Cox {x['cox']}")
+    if x.get("q") is not None:
+        facts.append(f"q {x['q']:.2g}")
+        facts.append(significance(x["q"]))
+    return facts
+
+
+def alteration_phrase(x: dict) -> str:
+    """``TP53 mutated (Cox +, q 0.01, significant)``; ``CDKN2A deep deletion (level -2, Cox -, q 0.001, ...)``."""
+    facts = alteration_facts(x)
+    return f"{x['gene']} {x['state']}" + (f" ({', '.join(facts)})" if facts else "")
+
+
 #: FDR below which a gene's Cox association is called significant in the text
 SIGNIFICANCE_Q = 0.05
 
@@ -322,6 +415,7 @@ def evidence_prompt(ev: dict) -> str:
         lines.append("Risk genes: " + "; ".join(g(x) for x in ev["risk_genes"]))
     if ev.get("protective_genes"):
         lines.append("Protective genes: " + "; ".join(g(x) for x in ev["protective_genes"]))
+    lines += _cited_lines(ev, "alterations", "Alterations", alteration_phrase)
     if ev.get("slide_prob") is not None:
         lines.append(f"Slide model probability: {ev['slide_prob']:.2f}")
     img = ev.get("image")
@@ -331,14 +425,20 @@ def evidence_prompt(ev: dict) -> str:
             lines.append(f"Attended patches {f['name']}: {f['ratio']:.2f} x slide average")
         for c in img.get("cells", []):
             lines.append(f"Cell model, attended patches {c['name']}: {c['ratio']:.2f} x slide average")
-    for effect in ("raises", "lowers"):
-        cited = [f for f in ev.get("image_features") or [] if f["effect"] == effect]
-        if cited:
-            lines.append(f"Image features that {effect[:-1]} the risk: " + "; ".join(
-                f"{f['name']} ({percentile_phrase(f)})" for f in cited))
+    lines += _cited_lines(ev, "image_features", "Image features", lambda f: f"{f['name']} ({percentile_phrase(f)})")
     if ev.get("missing"):
         lines.append("Missing: " + ", ".join(ev["missing"]))
     return "\n".join(lines)
+
+
+def _cited_lines(ev: dict, key: str, what: str, phrase: Any) -> list[str]:
+    """``<what> that raise the risk: a; b`` and ``... lower the risk: ...`` for the cited items of ``ev[key]``."""
+    out = []
+    for effect in ("raises", "lowers"):
+        cited = [x for x in ev.get(key) or [] if x["effect"] == effect]
+        if cited:
+            out.append(f"{what} that {effect[:-1]} the risk: " + "; ".join(phrase(x) for x in cited))
+    return out
 
 
 def ordinal(n: int) -> str:

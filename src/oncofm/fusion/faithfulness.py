@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from oncofm.fusion.evidence import evidence_numbers
+from oncofm.fusion.evidence import ALTERATION_RE, evidence_numbers
 from oncofm.fusion.parse import PREDICTION_RE
 from oncofm.fusion.templates import PROTECTIVE_WORDS, RISK_WORDS
 
@@ -87,8 +87,13 @@ def score_faithfulness(text: str, evidence: dict, gene_vocabulary: set[str]) -> 
     genes = {g["gene"]: ("risk", g) for g in evidence.get("risk_genes") or []}
     genes.update({g["gene"]: ("protective", g) for g in evidence.get("protective_genes") or []})
     all_numbers = evidence_numbers(evidence)
+    cited = {str(a["gene"]) for a in evidence.get("alterations") or []}
     score = FaithfulnessScore()
     for sentence in _sentences(body):
+        for m in list(ALTERATION_RE.finditer(sentence))[::-1]:  # "TP53 mutated (Cox +, q 0.01)": the checker's
+            score.genes_named += 1  # alteration rules judge the facts; here the gene counts as named
+            score.genes_ok += int(m.group(1) in cited)
+            sentence = sentence[: m.start()] + " " + sentence[m.end():]
         direction = _direction(sentence)
         # split the sentence at gene mentions: the numbers after a gene belong to it
         spans: list[tuple[str | None, int, int]] = []

@@ -1,7 +1,7 @@
 """Target texts written from an evidence record by templates with several phrasings.
 
 Each text states only what the evidence record holds (genes, directions, z-scores, Cox signs, q-values,
-probabilities, image findings, missing modalities) and ends in exactly one prediction line (see
+genomic alterations, probabilities, image findings, missing modalities) and ends in exactly one prediction line (see
 :mod:`oncofm.fusion.parse`). The phrasing is drawn per patient from a seeded generator, so the same
 record always gives the same text.
 """
@@ -9,8 +9,9 @@ record always gives the same text.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
-from oncofm.fusion.evidence import clinical_phrase, gene_facts, percentile_phrase
+from oncofm.fusion.evidence import alteration_phrase, clinical_phrase, gene_facts, percentile_phrase
 from oncofm.fusion.parse import format_prediction
 
 __all__ = ["render_target", "draft_texts", "slot_options", "evidence_summary", "RISK_WORDS", "PROTECTIVE_WORDS",
@@ -45,6 +46,14 @@ _PROT = (
     "Protective genes: {genes}.",
     "These genes push the risk down: {genes}.",
 )
+_ALT_RISK = (
+    "Genomic alterations that raise the risk: {items}.",
+    "These alterations push the risk up: {items}.",
+)
+_ALT_PROT = (
+    "Genomic alterations that lower the risk: {items}.",
+    "These alterations push the risk down: {items}.",
+)
 _SLIDE = (
     "The slide model gives a probability of {p:.2f}.",
     "On the H&E slide, the slide model estimates {p:.2f}.",
@@ -54,12 +63,12 @@ _SLIDE_FEATURES = (
     "The slide model, on whole-slide image features, estimates {p:.2f}.",
 )
 _IMAGE_RISK = (
-    "Image features that raise the risk: {features}.",
-    "On the slide, these findings push the risk up: {features}.",
+    "Image features that raise the risk: {items}.",
+    "On the slide, these findings push the risk up: {items}.",
 )
 _IMAGE_PROT = (
-    "Image features that lower the risk: {features}.",
-    "On the slide, these findings push the risk down: {features}.",
+    "Image features that lower the risk: {items}.",
+    "On the slide, these findings push the risk down: {items}.",
 )
 _ATTN = (
     "The top {f:.0%} of patches hold {s:.2f} of the attention ({how}).",
@@ -121,6 +130,19 @@ def _gene(x: dict) -> str:
     return f"{x['gene']} ({', '.join(bits)})" if bits else x["gene"]
 
 
+def _cited_slots(ev: dict, key: str, phrasings: tuple[tuple[str, ...], tuple[str, ...]],
+                 phrase: Callable[[dict], str]) -> list[tuple[str, ...]]:
+    """The slots of the cited items of ``ev[key]`` that raise, then lower the risk (``{items}`` in the
+    phrasings: the items, ``; ``-separated)."""
+    out = []
+    for effect, options in zip(("raises", "lowers"), phrasings, strict=True):
+        cited = [x for x in ev.get(key) or [] if x["effect"] == effect]
+        if cited:
+            items = "; ".join(phrase(x) for x in cited)
+            out.append(tuple(t.format(items=items) for t in options))
+    return out
+
+
 def slot_options(ev: dict) -> list[tuple[str, ...]]:
     """The reasoning of an explanation of ``ev`` as slots, each with its alternative sentences (the closing
     verdict and the prediction line excluded). Every sentence states only facts of the record; the slots come
@@ -137,14 +159,12 @@ def slot_options(ev: dict) -> list[tuple[str, ...]]:
     if ev.get("protective_genes"):
         genes = "; ".join(_gene(x) for x in ev["protective_genes"])
         slots.append(tuple(t.format(genes=genes) for t in _PROT))
+    slots += _cited_slots(ev, "alterations", (_ALT_RISK, _ALT_PROT), alteration_phrase)
     if ev.get("slide_prob") is not None:
         phrasings = _SLIDE_FEATURES if ev.get("slide_source") == "features" else _SLIDE
         slots.append(tuple(t.format(p=ev["slide_prob"]) for t in phrasings))
-    for effect, phrasings in (("raises", _IMAGE_RISK), ("lowers", _IMAGE_PROT)):
-        cited = [f for f in ev.get("image_features") or [] if f["effect"] == effect]
-        if cited:
-            features = "; ".join(f"{f['name']} ({percentile_phrase(f)})" for f in cited)
-            slots.append(tuple(t.format(features=features) for t in phrasings))
+    slots += _cited_slots(ev, "image_features", (_IMAGE_RISK, _IMAGE_PROT),
+                          lambda f: f"{f['name']} ({percentile_phrase(f)})")
     img = ev.get("image")
     if img and img.get("top_share") is not None:
         f = img["top_fraction"]

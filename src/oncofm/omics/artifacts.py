@@ -20,6 +20,9 @@ class OmicsArtifacts(ModelArtifacts):
     predictions = property(lambda self: self.dir / "predictions.parquet")
     embeddings = property(lambda self: self.dir / "embeddings.parquet")
     attributions = property(lambda self: self.dir / "attributions.parquet")
+    #: a model with further layers / covariates: ``patient_id, layer, feature, value, attribution`` (the
+    #: covariates as layer ``covariate``: value = level, attribution = occlusion effect)
+    layer_attributions = property(lambda self: self.dir / "layer_attributions.parquet")
     roc_png = property(lambda self: self.dir / "roc.png")
     calibration_png = property(lambda self: self.dir / "calibration.png")
     training_dir = property(lambda self: self.dir / "training")  # checkpoints + history.jsonl

@@ -51,6 +51,10 @@ class TablePrediction:
     logits: np.ndarray  # (N,)
     embeddings: np.ndarray  # (N, d) penultimate layer
     attributions: np.ndarray | None  # (N, G) integrated gradients (+ = towards death); None if not asked
+    #: further layers' integrated gradients ``{layer: (N, F)}`` (NaN: not measured) and the covariates'
+    #: occlusion effects ``{covariate: (N,)}`` (:mod:`oncofm.omics.attributions`); empty if not asked or none
+    layer_attributions: dict[str, np.ndarray] = field(default_factory=dict)
+    covariate_effects: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def probs(self) -> np.ndarray:
@@ -69,10 +73,23 @@ class OmicsResult:
     n_model_genes: int
     missing_genes: list[str]
     version: str
-    #: the further inputs the model used for this patient (empty for an expression-only model):
-    #: ``layer, feature, value, coef, q`` (value NaN = not given, masked), and ``stage`` / ``grade`` levels
+    #: the further inputs the model used for this patient (None for an expression-only model):
+    #: ``layer, feature, value, coef, q, attribution`` (value NaN = not given, masked; attribution: integrated
+    #: gradient, 0 for an unaltered value), and ``stage`` / ``grade`` levels (0 = unknown) with their occlusion
+    #: effects on the logit (``covariate_effects``)
     layer_inputs: pd.DataFrame | None = None
     covariates: dict[str, float] = field(default_factory=dict)
+    covariate_effects: dict[str, float] = field(default_factory=dict)
+
+    def layer_contributions(self) -> pd.DataFrame:
+        """``input, contribution``: the summed attribution of each input layer (expression, cnv, mutation) and
+        the occlusion effect of each covariate, on the logit scale: what the report's layer chart shows."""
+        rows = [("expression", float(np.nansum(self.attributions["attribution"].to_numpy(float))))]
+        if self.layer_inputs is not None and len(self.layer_inputs):
+            for name, part in self.layer_inputs.groupby("layer", sort=False):
+                rows.append((str(name), float(np.nansum(part["attribution"].to_numpy(float)))))
+        rows += [(name, float(v)) for name, v in self.covariate_effects.items()]
+        return pd.DataFrame(rows, columns=["input", "contribution"])
 
     @property
     def coverage(self) -> float:
@@ -226,20 +243,26 @@ class OmicsPredictor:
         import torch
 
         from oncofm.logging_utils import track
-        from oncofm.omics.attributions import integrated_gradients
+        from oncofm.omics.attributions import attributions_by_layer, covariate_effects
         from oncofm.omics.data import OmicsDataset
 
         dataset = OmicsDataset(table, self.encoder)
         logits, emb = forward_batches(self.model, dataset)
-        attr = None
-        if attributions:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-            parts = [integrated_gradients(self.model, batch, steps=self.ig_steps).numpy()
-                     for batch in track(loader, "integrated gradients", enabled=progress)]
-            attr = (np.concatenate(parts).astype(np.float32) if parts
-                    else np.zeros((0, len(self.genes)), np.float32))
-        return TablePrediction(patient_ids=np.asarray(table.patient_ids, dtype=str), logits=logits, embeddings=emb,
-                               attributions=attr)
+        out = TablePrediction(patient_ids=np.asarray(table.patient_ids, dtype=str), logits=logits, embeddings=emb,
+                              attributions=None)
+        if not attributions:
+            return out
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        parts: dict[str, list[np.ndarray]] = {}
+        for batch in track(loader, "integrated gradients", enabled=progress):
+            for key, value in {**attributions_by_layer(self.model, batch, steps=self.ig_steps),
+                               **{f"cov:{k}": v for k, v in covariate_effects(self.model, batch).items()}}.items():
+                parts.setdefault(key, []).append(value.numpy())
+        joined = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+        out.attributions = joined.pop("expression", np.zeros((0, len(self.genes)), np.float32))
+        out.covariate_effects = {k[4:]: v for k, v in joined.items() if k.startswith("cov:")}
+        out.layer_attributions = {k: v for k, v in joined.items() if not k.startswith("cov:")}
+        return out
 
     def predict_expression(self, expression: pd.Series | Mapping[str, float], *, cancer_type: str,
                            age: float | None = None, sex: str | None = None, normalized: bool = False,
@@ -273,19 +296,15 @@ class OmicsPredictor:
                                 layers={k: pd.DataFrame([v], index=["patient"]) for k, v in layers.items()})
         out = self.predict_table(table)
         attributions = self._attribution_table(out.attributions[0], z.iloc[0], cancer_type)
-        layer_inputs = None
-        if table.layers:
-            rows = []
-            for name, (feats, values) in table.layers.items():
-                coef = layer_coefficients(self.coefficients, name, cancer_type).reindex(feats)
-                rows.append(pd.DataFrame({"layer": name, "feature": feats, "value": values[0, :, 0],
-                                          "coef": coef["coef"].to_numpy(float), "q": coef["q"].to_numpy(float)}))
-            layer_inputs = pd.concat(rows, ignore_index=True)
+        layer_inputs = (layer_input_table({k: (f, v[0, :, 0]) for k, (f, v) in table.layers.items()},
+                                          {k: v[0] for k, v in out.layer_attributions.items()},
+                                          self.coefficients, cancer_type) if table.layers else None)
         return OmicsResult(prob=float(out.probs[0]), logit=float(out.logits[0]),
                            embedding=np.asarray(out.embeddings[0], dtype=np.float32), attributions=attributions,
                            n_present=n_present, n_model_genes=len(self.genes), missing_genes=missing,
                            version=self.version, layer_inputs=layer_inputs,
-                           covariates={c: float(table.covariates[c][0]) for c in self.encoder.covariates})
+                           covariates={c: float(table.covariates[c][0]) for c in self.encoder.covariates},
+                           covariate_effects={c: float(v[0]) for c, v in out.covariate_effects.items()})
 
     def predict(self, patient: PatientInput, workdir: Path | None = None) -> OmicsResult | None:
         """The patient's omics prediction, or ``None`` when the patient has no expression profile."""
@@ -353,6 +372,22 @@ def validate_layer_inputs(features: dict[str, list[str]], *, cnv: Any = None, mu
                               f"{'Stage IIIA' if name == 'stage' else 'G3 / High Grade'}")
         covs[name] = float(parsed)
     return layers, covs
+
+
+def layer_input_table(values: dict[str, tuple[list[str], np.ndarray]], attributions: dict[str, np.ndarray],
+                      coefficients: pd.DataFrame | None, cancer_type: str) -> pd.DataFrame:
+    """``layer, feature, value, coef, q, attribution`` of one patient's further layers (``values``:
+    ``{layer: (features, (F,) values)}``; ``attributions``: ``{layer: (F,)}``, absent = NaN): the one builder of
+    :attr:`OmicsResult.layer_inputs`, for the predictor and the stage's stored exports alike."""
+    rows = []
+    for name, (feats, vals) in values.items():
+        coef = layer_coefficients(coefficients, name, cancer_type).reindex(feats)
+        att = attributions.get(name)
+        rows.append(pd.DataFrame({"layer": name, "feature": list(feats), "value": np.asarray(vals, dtype=float),
+                                  "coef": coef["coef"].to_numpy(float), "q": coef["q"].to_numpy(float),
+                                  "attribution": (np.full(len(feats), np.nan) if att is None
+                                                  else np.asarray(att, dtype=float))}))
+    return pd.concat(rows, ignore_index=True)
 
 
 def layer_coefficients(coefficients: pd.DataFrame | None, layer: str, cancer_type: str) -> pd.DataFrame:
@@ -439,6 +474,8 @@ def stored_omics_results(layout: RunLayout, patients: pd.DataFrame, *, horizon_y
     except OncoFMError:
         z = pd.DataFrame()
     version = model_version(arts.dir)
+    further = (dict(tuple(pd.read_parquet(arts.layer_attributions).groupby(Col.PATIENT)))
+               if arts.layer_attributions.exists() else {})
     by_type: dict[str, pd.DataFrame] = {}
     out: dict[str, OmicsResult] = {}
     for pid, cancer in zip(patients[Col.PATIENT].astype(str), patients[Col.CANCER].astype(str), strict=True):
@@ -456,4 +493,17 @@ def stored_omics_results(layout: RunLayout, patients: pd.DataFrame, *, horizon_y
                                           else np.zeros(0, np.float32)),
                                attributions=table, n_present=n_genes, n_model_genes=n_genes, missing_genes=[],
                                version=version)
+        if pid in further:  # the model's further layers and covariates, as the predictor reports them
+            rows = further[pid]
+            cov = rows[rows["layer"] == "covariate"]
+            lay = rows[rows["layer"] != "covariate"]
+            if len(lay):
+                out[pid].layer_inputs = layer_input_table(
+                    {str(k): (g["feature"].astype(str).tolist(), g["value"].to_numpy(float))
+                     for k, g in lay.groupby("layer", sort=False)},
+                    {str(k): g["attribution"].to_numpy(float) for k, g in lay.groupby("layer", sort=False)},
+                    coef, cancer)
+            out[pid].covariates = dict(zip(cov["feature"].astype(str), cov["value"].astype(float), strict=True))
+            out[pid].covariate_effects = dict(zip(cov["feature"].astype(str), cov["attribution"].astype(float),
+                                                  strict=True))
     return out

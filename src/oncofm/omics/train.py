@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,10 @@ from pydantic import Field
 from oncofm.config import StageSettings
 from oncofm.omics.artifacts import OmicsArtifacts
 from oncofm.paths import RunLayout
+
+if TYPE_CHECKING:
+    from oncofm.omics.data import OmicsTable
+    from oncofm.omics.predict import TablePrediction
 
 log = logging.getLogger(__name__)
 
@@ -326,9 +330,33 @@ def fit_omics_model(settings: OmicsTrainSettings, table: Any, training_dir: Path
     return model, encoder, arch, result, anchor_chosen, accelerator
 
 
+def layer_attribution_rows(table: OmicsTable, exported: TablePrediction) -> pd.DataFrame:
+    """The long table of ``layer_attributions.parquet``: every patient's further-layer values with their
+    integrated gradients, and covariate levels with their occlusion effects (layer ``covariate``)."""
+    parts = []
+    ids = np.asarray(table.patient_ids, dtype=str)
+    for name, (feats, values) in table.layers.items():
+        n = len(feats)
+        parts.append(pd.DataFrame({"patient_id": np.repeat(ids, n), "layer": name,
+                                   "feature": np.tile(np.asarray(feats, dtype=str), len(ids)),
+                                   "value": values[..., 0].reshape(-1).astype(float),
+                                   "attribution": exported.layer_attributions[name].reshape(-1).astype(float)}))
+    for name, effect in exported.covariate_effects.items():
+        parts.append(pd.DataFrame({"patient_id": ids, "layer": "covariate", "feature": name,
+                                   "value": np.asarray(table.covariates[name], dtype=float),
+                                   "attribution": effect.astype(float)}))
+    return pd.concat(parts, ignore_index=True)
+
+
 def _outputs_done(arts: OmicsArtifacts) -> bool:
-    return all(p.exists() for p in (arts.weights, arts.config, arts.metrics, arts.predictions, arts.embeddings,
+    import yaml
+
+    done = all(p.exists() for p in (arts.weights, arts.config, arts.metrics, arts.predictions, arts.embeddings,
                                     arts.attributions))
+    if done:  # a model with further layers / covariates also exports their attributions (since 2026-12-02)
+        arch = (yaml.safe_load(arts.config.read_text()) or {}).get("architecture") or {}
+        done = arts.layer_attributions.exists() or not (arch.get("layers") or arch.get("covariates"))
+    return done
 
 
 def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
@@ -406,6 +434,8 @@ def train_omics(settings: OmicsTrainSettings) -> dict[str, Path]:
     write_parquet(pd.DataFrame({"patient_id": np.repeat(table.patient_ids.astype(str), n_genes),
                                 "gene": np.tile(np.asarray(table.genes, dtype=str), len(table)),
                                 "attribution": exported.attributions.reshape(-1)}), arts.attributions)
+    if table.layers or exported.covariate_effects:
+        write_parquet(layer_attribution_rows(table, exported), arts.layer_attributions)
 
     config = {"model": settings.model, "architecture": arch, "genes": table.genes,
               **({"layers": {k: list(f) for k, (f, _) in table.layers.items()}} if table.layers else {}),

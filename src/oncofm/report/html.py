@@ -214,6 +214,39 @@ def _genes(ex: Explanation) -> str:
             f"alt='gene contributions'>{cov}</figure><div><table>{'<tr>' + head + '</tr>'}{body}</table></div></div>")
 
 
+def _layers(ex: Explanation) -> str:
+    """A multi-omics model's panel: each input's contribution (expression, copy number, mutations, stage,
+    grade) and the alterations with the largest attributions, with their state, Cox coefficient and q."""
+    res = ex.omics
+    if res is None or (res.layer_inputs is None and not res.covariate_effects):
+        return ""
+    from oncofm.fusion.evidence import alteration_state
+
+    img = data_uri(plots.layer_bars_png(res.layer_contributions()))
+    rows = ""
+    if res.layer_inputs is not None:
+        t = res.layer_inputs[res.layer_inputs["value"].notna() & (res.layer_inputs["attribution"].fillna(0) != 0)]
+        t = t.reindex(t["attribution"].abs().sort_values(ascending=False).index).head(ex.settings.top_genes)
+        rows = "".join(f"<tr><td>{_e(r['feature'])}</td><td>{_e(r['layer'])}</td>"
+                       f"<td>{_e(alteration_state(str(r['layer']), float(r['value'])))}</td>"
+                       f"<td>{_fmt(r['attribution'], 3)}</td><td>{_fmt(r['coef'], 3)}</td>"
+                       f"<td>{_fmt(r['q'], q=True)}</td></tr>" for _, r in t.iterrows())
+        measured = res.layer_inputs.groupby("layer")["value"].apply(lambda v: f"{int(v.notna().sum())} of {len(v)}")
+        given = "; ".join(f"{_e(k)}: {v} model features measured" for k, v in measured.items())
+    else:
+        given = ""
+    stage = "; ".join(f"{k} {'unknown' if not np.isfinite(v) else int(v)} (effect {res.covariate_effects.get(k, 0):+.3f})"
+                      for k, v in res.covariates.items())
+    table = (f"<table><tr><th>gene</th><th>layer</th><th>state</th><th>attribution</th><th>coef</th><th>q</th></tr>"
+             f"{rows}</table>" if rows else "<p class='muted'>No altered copy number or mutation among the model's "
+             "features for this patient (wild-type, unchanged or not measured).</p>")
+    return (f"<h2>Genomic and clinical inputs</h2><div class='row' id='layers'><figure><img src='{img}' "
+            "alt='contribution of each input'><figcaption>Summed integrated gradients per input layer (from the "
+            "neutral input: median expression, no copy-number change, wild-type), and for stage and grade the "
+            "change of the logit against 'unknown'. "
+            f"{given}{'; ' if given and stage else ''}{_e(stage)}.</figcaption></figure><div>{table}</div></div>")
+
+
 def _image_features(ex: Explanation) -> str:
     """The slide-feature model's panel: the image features behind its prediction, in words, each with the
     patient's value, its percentile within the cancer type and its signed contribution."""
@@ -258,7 +291,8 @@ def _provenance(ex: Explanation) -> str:
 
 def render_report(ex: Explanation) -> str:
     """The whole report as one HTML string (no external references)."""
-    parts = [_header(ex), _explanation(ex), _notes(ex), _slide(ex), _image_features(ex), _genes(ex), _cohort(ex),
+    parts = [_header(ex), _explanation(ex), _notes(ex), _slide(ex), _image_features(ex), _genes(ex), _layers(ex),
+             _cohort(ex),
              _provenance(ex)]
     title = f"OncoFM report {ex.patient.patient_id}"
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -116,6 +116,23 @@ def gene_bars_png(attributions: pd.DataFrame, top: int = 15, *, label: str = "ge
     return _png(fig)
 
 
+def layer_bars_png(contributions: pd.DataFrame) -> bytes:
+    """One signed bar per input of the omics model (``input, contribution``: expression, copy number,
+    mutations summed over their features; stage and grade by occlusion), on the logit scale."""
+    plt = _plt()
+    labels = {"expression": "gene expression", "cnv": "copy number", "mutation": "mutations", "stage": "stage",
+              "grade": "grade"}
+    df = contributions.iloc[::-1]
+    fig, ax = plt.subplots(figsize=(6.4, 0.42 * len(df) + 1.2))
+    ax.barh([labels.get(str(n), str(n)) for n in df["input"]], df["contribution"],
+            color=[RISK_COLOR if v > 0 else PROTECTIVE_COLOR for v in df["contribution"]])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("contribution to the 5-year death logit")
+    ax.set_title("Contribution of each input: red raises risk, blue lowers it", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
 def cohort_png(ctx: CohortContext) -> bytes:
     """Left: the training cohort's risk distribution with the patient marked. Right: KM split at that risk."""
     plt = _plt()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import shutil
 import tempfile
 from importlib import resources
@@ -83,9 +84,9 @@ async def _save_table_upload(upload: Any, stem: Path, max_bytes: int, kind: str)
 
 
 async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, patient_id: str | None, cancer_type: str | None, mpp: float | None,
-                      expression: Any, slide: Any, slide_features: Any = None) -> dict[str, Any]:
+                      expression: Any, slide: Any, slide_features: Any = None, cnv: Any = None) -> dict[str, Any]:
     """Save the uploads under server-chosen names and check their content; the job's explain settings."""
-    from oncofm.explain.inputs import check_cancer_type, read_expression_file, read_slide_features_file
+    from oncofm.explain.inputs import check_cancer_type, read_cnv_file, read_expression_file, read_slide_features_file
     from oncofm.web.jobs import slide_extension
 
     if cancer_type:  # explain's policy: a type unseen in training runs pan-cancer with a note; a non-code is a 400
@@ -95,9 +96,11 @@ async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, pati
         raise OncoFMError(f"unknown demo patient {patient_id!r}")
     inputs = job_dir / "inputs"
     for name, upload, reader in (("expression", expression, read_expression_file),
-                                 ("slide_features", slide_features, read_slide_features_file)):
+                                 ("slide_features", slide_features, read_slide_features_file),
+                                 ("cnv", cnv, read_cnv_file)):
         if upload is not None:
-            path = await _save_table_upload(upload, inputs / name, max_bytes, name.replace("_", " "))
+            kind = {"slide_features": "slide features", "cnv": "copy-number"}.get(name, name)
+            path = await _save_table_upload(upload, inputs / name, max_bytes, kind)
             reader(path)  # parses, or OncoFMError saying what is wrong
             params[name] = str(path)
     if slide is not None:
@@ -146,20 +149,30 @@ def create_app(settings: WebSettings, predictors: Any = None):  # noqa: ANN201 -
                       sex: str | None = Form(None), stage: str | None = Form(None),
                       grade: str | None = Form(None), expression: UploadFile | None = File(None),
                       slide: UploadFile | None = File(None),
-                      slide_features: UploadFile | None = File(None)) -> JSONResponse:
+                      slide_features: UploadFile | None = File(None), cnv: UploadFile | None = File(None),
+                      mutations: str | None = Form(None)) -> JSONResponse:
         expression = expression if expression is not None and expression.filename else None
+        cnv = cnv if cnv is not None and cnv.filename else None
+        mutations = mutations if mutations is not None and mutations.strip() else None
         slide = slide if slide is not None and slide.filename else None
         slide_features = slide_features if slide_features is not None and slide_features.filename else None
         if not patient_id and expression is None and slide is None and slide_features is None:
             raise HTTPException(400, "choose a demo patient, or upload an expression file, a slide and/or slide "
                                      "features")
-        if patient_id and (expression is not None or slide is not None or slide_features is not None):
+        if patient_id and (expression is not None or slide is not None or slide_features is not None
+                           or cnv is not None or mutations is not None):
             raise HTTPException(400, "give either a demo patient or uploaded files, not both")
+        if (cnv is not None or mutations is not None) and expression is None:
+            raise HTTPException(400, "a copy-number profile or mutation list goes with an expression file: the "
+                                     "omics model reads them beside the expression profile")
         job_id, job_dir = manager.new_job_dir()
         try:
             params = await _job_params(settings, max_bytes, job_dir, patient_id, cancer_type, mpp, expression, slide,
-                                       slide_features)
-            from oncofm.explain.inputs import parse_clinical_input
+                                       slide_features, cnv)
+            from oncofm.explain.inputs import parse_clinical_input, parse_mutations
+
+            if mutations is not None:  # a list of symbols, never a path on the server
+                params["mutations"] = parse_mutations([g for g in re.split(r"[,;\s]+", mutations) if g])
 
             parse_clinical_input(stage, "stage")  # a 400 naming the accepted forms, before the job starts
             parse_clinical_input(grade, "grade")
