@@ -14,7 +14,13 @@ import torch
 
 from oncofm.errors import OncoFMError
 from oncofm.fusion.checker import check_explanation
-from oncofm.fusion.evidence import Evidence, EvidenceSettings, alteration_evidence, build_evidence, evidence_prompt
+from oncofm.fusion.evidence import (
+    Evidence,
+    EvidenceSettings,
+    alteration_evidence,
+    build_evidence,
+    evidence_prompt,
+)
 from oncofm.fusion.templates import render_target
 
 

@@ -222,12 +222,14 @@ def layer_input_notes(patient: PatientInput, features: dict[str, list[str]]) -> 
             notes.append(f"the {what} was not used: this run's omics model was trained without {layer} input")
             continue
         names = list(value) if isinstance(value, list) else [str(g) for g in pd.Series(value).dropna().index]
-        unused = sorted(set(names) - set(features[layer]))
-        used = len(set(names) & set(features[layer]))
+        model = set(features[layer])
+        unused, used = sorted(set(names) - model), sorted(set(names) & model)
         if unused:
-            notes.append(f"{what}: {used} of the model's {len(features[layer])} {layer} features given; "
-                         f"{len(unused)} listed genes are not model features and were not used "
-                         f"({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''})")
+            rest = ("; the model's other mutation features count as wild-type" if layer == "mutation" else
+                    "; the model's other copy-number features count as not measured")
+            notes.append(f"{what}: {len(used)} of the listed genes are among the model's {len(model)} {layer} "
+                         f"features ({', '.join(used[:8]) or 'none'}); {len(unused)} are not and were not used "
+                         f"({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''}){rest}")
     return notes
 
 

@@ -75,7 +75,7 @@ class OmicsResult:
     version: str
     #: the further inputs the model used for this patient (None for an expression-only model):
     #: ``layer, feature, value, coef, q, attribution`` (value NaN = not given, masked; attribution: integrated
-    #: gradient, 0 for an unaltered value), and ``stage`` / ``grade`` levels (0 = unknown) with their occlusion
+    #: gradient, 0 for an unaltered value), and ``stage`` / ``grade`` levels (1-4, NaN = unknown) with their occlusion
     #: effects on the logit (``covariate_effects``)
     layer_inputs: pd.DataFrame | None = None
     covariates: dict[str, float] = field(default_factory=dict)

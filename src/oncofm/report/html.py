@@ -225,14 +225,18 @@ def _layers(ex: Explanation) -> str:
     img = data_uri(plots.layer_bars_png(res.layer_contributions()))
     rows = ""
     if res.layer_inputs is not None:
-        t = res.layer_inputs[res.layer_inputs["value"].notna() & (res.layer_inputs["attribution"].fillna(0) != 0)]
-        t = t.reindex(t["attribution"].abs().sort_values(ascending=False).index).head(ex.settings.top_genes)
+        altered = res.layer_inputs[res.layer_inputs["value"].notna() & (res.layer_inputs["value"] != 0)]
+        t = altered[altered["attribution"].abs() >= 0.001]  # what rounds to 0.000 is left out, and counted
+        t = t.reindex(t["attribution"].abs().sort_values(ascending=False).index).head(10)
         rows = "".join(f"<tr><td>{_e(r['feature'])}</td><td>{_e(r['layer'])}</td>"
                        f"<td>{_e(alteration_state(str(r['layer']), float(r['value'])))}</td>"
                        f"<td>{_fmt(r['attribution'], 3)}</td><td>{_fmt(r['coef'], 3)}</td>"
                        f"<td>{_fmt(r['q'], q=True)}</td></tr>" for _, r in t.iterrows())
         measured = res.layer_inputs.groupby("layer")["value"].apply(lambda v: f"{int(v.notna().sum())} of {len(v)}")
         given = "; ".join(f"{_e(k)}: {v} model features measured" for k, v in measured.items())
+        if len(altered) > len(t):
+            given += (f"; {len(altered) - len(t)} further altered feature(s) with |attribution| below 0.001 or "
+                      "beyond the 10 largest not listed")
     else:
         given = ""
     stage = "; ".join(f"{k} {'unknown' if not np.isfinite(v) else int(v)} (effect {res.covariate_effects.get(k, 0):+.3f})"

@@ -86,7 +86,12 @@ async def _save_table_upload(upload: Any, stem: Path, max_bytes: int, kind: str)
 async def _job_params(settings: WebSettings, max_bytes: int, job_dir: Path, patient_id: str | None, cancer_type: str | None, mpp: float | None,
                       expression: Any, slide: Any, slide_features: Any = None, cnv: Any = None) -> dict[str, Any]:
     """Save the uploads under server-chosen names and check their content; the job's explain settings."""
-    from oncofm.explain.inputs import check_cancer_type, read_cnv_file, read_expression_file, read_slide_features_file
+    from oncofm.explain.inputs import (
+        check_cancer_type,
+        read_cnv_file,
+        read_expression_file,
+        read_slide_features_file,
+    )
     from oncofm.web.jobs import slide_extension
 
     if cancer_type:  # explain's policy: a type unseen in training runs pan-cancer with a note; a non-code is a 400
