@@ -10,8 +10,9 @@ from oncofm.pathology.encoders import create_encoder, list_encoders
 
 LARGE = {"swin-small", "swin-base"}  # 50-90 M parameters: built in the slow run only
 #: encoders that cannot be built bare: swin-hf takes its geometry from a weights folder, external stands in
-#: for another tool's features and refuses pixels (both in tests/test_encoder_weights.py)
-NEEDS_INPUT = {"swin-hf", "external"}
+#: for another tool's features and refuses pixels (both in tests/test_encoder_weights.py), cells reads a trained
+#: cell-type model's folder (its contract test below trains one on planted nuclei)
+NEEDS_INPUT = {"swin-hf", "external", "cells"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n
@@ -100,3 +101,37 @@ def test_efficientnet_multiscale_features_are_the_stage_averages_then_the_head_i
     assert f.shape == (2, multi.dim)
     with pytest.raises(ValueError, match="layers"):
         create_encoder("efficientnet-lite0", pretrained=False, layers="stage9")
+
+
+def test_cell_model_encoder_meets_the_contract(tmp_path) -> None:
+    """The cell-type model as a registered patch encoder: a trained model's folder as its weights, (B, 7)
+    finite features (log1p densities, fractions), different patches give different features, and the
+    features are the cell findings of each patch. (A model of the fast LoG + boosting design: one that finds
+    the planted nuclei after seconds of training; every design's own contract is in tests/test_cells.py.)"""
+    import math
+
+    import numpy as np
+
+    from oncofm.pathology.cells import CellModel, cell_findings
+    from oncofm.pathology.cells.registry import design_class
+    from test_cells import _tiny_settings, planted
+
+    torch.manual_seed(0)
+    fitted = design_class("log-gbm").fit([planted(1), planted(2)], [planted(3)], _tiny_settings(tmp_path), tmp_path / "w")
+    CellModel(fitted, [0.05, 0.05, 0.05]).save(tmp_path / "cells")
+    with pytest.raises(OncoFMError, match="trained cell-type model"):
+        create_encoder("cells")
+    enc = create_encoder("cells", weights=tmp_path / "cells").eval()
+    sparse = planted(4, n=3).image
+    dense = planted(5, n=14).image
+    x = torch.from_numpy(np.stack([sparse, dense])).permute(0, 3, 1, 2)  # uint8 (B, 3, S, S)
+    with torch.no_grad():
+        out = enc(x)
+        again = enc(x.float() / 255.0)
+    assert out.shape == (2, enc.dim) and enc.dim == 7
+    assert torch.isfinite(out).all() and torch.equal(out, again)
+    assert not torch.allclose(out[0], out[1])
+    f = cell_findings(CellModel.load(tmp_path / "cells"), [sparse, dense], 0.5)
+    want = [math.log1p(f[1].densities_per_mm2["all"]), f[1].fractions["stromal"]]
+    got = [float(out[1, enc.measures.index("cell_density")]), float(out[1, enc.measures.index("stromal_fraction")])]
+    assert got == pytest.approx(want, rel=1e-6)

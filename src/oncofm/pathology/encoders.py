@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from oncofm.errors import OncoFMError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENCODERS", "SWIN_PRESETS", "EfficientNetLite0Encoder", "ExternalFeatureEncoder", "PatchEncoder",
+__all__ = ["ENCODERS", "SWIN_PRESETS", "CellCompositionEncoder", "EfficientNetLite0Encoder", "ExternalFeatureEncoder", "PatchEncoder",
            "SwinEncoder", "create_encoder", "list_encoders", "load_encoder_state", "read_state_dict",
            "register_encoder", "register_external_encoder"]
 
@@ -504,6 +505,54 @@ def _build_effnet(input_size: int = 224, pretrained: bool = True, layers: str = 
         path = efficientnet_lite0_weights_path()
         load_encoder_state(enc, read_state_dict(path), path, enc.name)
     return enc
+
+
+# --------------------------------------------------------------------------------------------------------
+# the cell-type model as an interpretable encoder: a patch's cell composition
+class CellCompositionEncoder(PatchEncoder):
+    """Seven interpretable features per patch from a trained cell-type model (:mod:`oncofm.pathology.cells`):
+    the measures of ``cells.MEASURES`` in order — densities as log1p(cells per mm²), fractions as they are.
+    Patches are read at their own size with the microns per pixel given at build time (the tiler's fixed
+    magnification, 0.5 µm/px by default): the cell model resamples them to its training resolution."""
+
+    name = "cells"
+
+    def __init__(self, model: Any, mpp: float = 0.5) -> None:
+        from oncofm.pathology.cells.findings import MEASURES
+
+        super().__init__(len(MEASURES), 0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.cell_model, self.mpp, self.measures = model, float(mpp), [m[0] for m in MEASURES]
+        self._placeholder = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # a device to ask about
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Patches as floats in [0, 1] at their own size (no resizing, no normalisation)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected patches of shape (B, 3, S, S), got {tuple(x.shape)}")
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        from oncofm.pathology.cells.findings import cell_findings
+
+        rgb = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        rows = []
+        for f in cell_findings(self.cell_model, list(rgb.permute(0, 2, 3, 1).cpu().numpy()), self.mpp):
+            dens, frac = f.densities_per_mm2, f.fractions
+            values = {"cell_density": dens["all"]}
+            for c in frac:
+                values[f"{c}_density"], values[f"{c}_fraction"] = dens[c], frac[c]
+            rows.append([math.log1p(values[k]) if k.endswith("_density") else values[k] for k in self.measures])
+        return torch.tensor(rows, dtype=torch.float32, device=x.device).reshape(len(rows), self.dim)
+
+
+@register_encoder("cells")
+def _build_cells(weights: str | Path | None = None, mpp: float = 0.5) -> CellCompositionEncoder:
+    """``weights``: the folder of a trained cell model (``oncofm cells train --out DIR``)."""
+    if not weights:
+        raise OncoFMError("the 'cells' encoder needs a trained cell-type model: give its folder as the weights "
+                          "(--encoder-weights DIR, from `oncofm cells train --out DIR`)")
+    from oncofm.pathology.cells import CellModel
+
+    return CellCompositionEncoder(CellModel.load(weights), mpp=mpp)
 
 
 # --------------------------------------------------------------------------------------------------------
