@@ -798,6 +798,9 @@ def aggregate(results: list[CheckResult]) -> dict[str, Any]:
 def format_check(agg: dict[str, Any]) -> str:
     """The aggregate in one line: pass rate, direction consistency, repeated-sentence rate, failing rules."""
     fails = ", ".join(f"{k} {v}" for k, v in sorted(agg["failure_counts"].items(), key=lambda kv: -kv[1]) if v)
+    cited = "".join(f" | {what} faithful {agg[f'{key}_ok']}/{agg[key]}" for key, what in
+                    (("image_features", "image-feature citations"), ("alterations", "alteration citations"))
+                    if agg.get(key))
     return (f"checker: pass rate {agg['pass_rate']:.3f} ({agg['n_passed']}/{agg['n']}) | direction consistency "
             f"{agg['direction_consistency']:.3f} | repeated-sentence rate {agg['repeated_sentence_rate']:.3f} | "
-            f"faithfulness {agg['faithfulness']:.3f} | texts failing: {fails or 'none'}")
+            f"faithfulness {agg['faithfulness']:.3f}{cited} | texts failing: {fails or 'none'}")
