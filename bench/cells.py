@@ -2,8 +2,11 @@
 
     nice -n 10 .venv/bin/python bench/cells.py --model /tmp/cells_run/model [--data ../shared/data] [--top 16]
 
-(1) The test detection table of the model (``oncofm.pathology.cells.train.evaluate_cells``: the test patients
-    of its recorded by-patient split, per-class precision / recall / F1 and macro F1 at the model's radius).
+(1) The validation comparison and the test detection table of the model (``oncofm.pathology.cells.train.
+    evaluate_cells``: the test patients of its recorded by-patient split, per-class precision / recall / F1
+    and macro F1 at the model's radius). The test images are read once per model: when the folder already
+    holds that reading (``test_table.txt``, written by ``oncofm cells evaluate``) it is printed as it is, not
+    recomputed; ``--speed-only`` skips (1).
 (2) Speed on a real H&E slide (CMU-1-Small-Region.svs, 0.499 µm/px, tiled at 0.5 µm/px into 224 px patches): the
     model loaded, then ``cell_findings`` on ``--top`` patches (standing in for the most attended ones;
     target: within 5 s on this 2-core machine, model loading included) and on a sample of the slide's patches
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=16, help="patches standing in for a slide's most attended ones")
     ap.add_argument("--all", type=int, default=200, help="patches sampled for the slide average")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-only", action="store_true", help="skip the validation and test tables")
     args = ap.parse_args()
 
     import torch
@@ -65,11 +69,16 @@ def main() -> None:
     from oncofm.pathology.cells import CellModel, cell_findings, compare_findings
     from oncofm.pathology.cells.train import evaluate_cells, validation_table
 
-    print("== (1) validation comparison (chosen design) and held-out test detection table")
-    print(validation_table(args.model))
-    print()
-    result = evaluate_cells(args.model, args.data / "pathology" / "brca_m2c_tcga_rois", "test")
-    print(result["table"])
+    if not args.speed_only:
+        print("== (1) validation comparison (chosen design) and held-out test detection table")
+        print(validation_table(args.model))
+        print()
+        stored = args.model / "test_table.txt"
+        if stored.exists():  # the one reading of the test images, by `oncofm cells evaluate`
+            print(stored.read_text().rstrip() + f"\n(read from {stored})")
+        else:
+            result = evaluate_cells(args.model, args.data / "pathology" / "brca_m2c_tcga_rois", "test")
+            print(result["table"])
 
     print(f"\n== (2) speed: cell findings for {args.top} patches of 224 px (one slide's top patches), 2-core CPU")
     patches, mpp = slide_patches(args.data, max(args.all, args.top))
@@ -92,7 +101,7 @@ def main() -> None:
           f"{'met' if total <= TARGET_S else 'MISSED'}); slide average over {len(rest)} patches {t_all:.2f} s "
           f"({len(rest) / t_all:.1f} patches/s)")
     print(f"cells found: {sum(f.n_cells for f in f_top)} in the top patches, {sum(f.n_cells for f in f_all)} "
-          f"in the {len(rest)} sampled (design {model.design_name})")
+          f"in the {len(rest)} sampled (design {model.design_name}, {model.design.params()})")
     for m in cmp.values():
         ratio = "n/a" if m.ratio is None else f"{m.ratio:.2f}x"
         print(f"  {m.key:<22} top {m.top:10.3f}  slide {m.slide:10.3f}  ratio {ratio}   ({m.description})")

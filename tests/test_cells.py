@@ -121,6 +121,85 @@ def test_every_registered_design_fits_predicts_and_round_trips(name: str, tmp_pa
         np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=0)
 
 
+def test_unet_options_ema_balanced_crops_hed_and_tta_fit_and_round_trip(tmp_path) -> None:
+    """The U-Net's training options (weight EMA, class-balanced crops, HED jitter) and its test-time
+    transforms: it fits, keeps ``tta`` in its saved parameters and predicts the same after loading."""
+    import torch
+
+    torch.manual_seed(0)
+    settings = _tiny_settings(tmp_path)
+    settings.unet = settings.unet.model_copy(update={"ema_decay": 0.9, "focus_fraction": 0.5, "hed_jitter": 0.1,
+                                                     "tta": 4})
+    design = design_class("unet").fit([planted(1), planted(2)], [planted(3)], settings, tmp_path / "work")
+    assert design.params()["tta"] == 4
+    model = CellModel(design, [0.05, 0.05, 0.05])
+    images = [planted(4).image[:72, :80]]
+    before = model.predict(images)
+    model.save(tmp_path / "saved")
+    loaded = CellModel.load(tmp_path / "saved")
+    assert loaded.design.tta == 4
+    after = loaded.predict(images)
+    np.testing.assert_array_equal(before[0].points, after[0].points)
+    np.testing.assert_allclose(before[0].scores, after[0].scores, rtol=0, atol=0)
+    from oncofm.pathology.cells.settings import UNetSettings
+
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        UNetSettings(tta=3)
+
+
+def test_ensemble_of_identical_members_predicts_as_the_member(tmp_path) -> None:
+    import torch
+
+    from oncofm.pathology.cells.unet import PointUNet, UNetDesign, UNetEnsembleDesign
+
+    torch.manual_seed(0)
+    member = UNetDesign(PointUNet(4), 4, 3)
+    ens = UNetEnsembleDesign.from_members([member, member], tta=1)
+    image = [planted(4).image]
+    a, b = member.predict(image, 0.05)[0], ens.predict(image, 0.05)[0]
+    np.testing.assert_array_equal(a.points, b.points)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    with pytest.raises(OncoFMError, match="share"):
+        UNetEnsembleDesign.from_members([member, UNetDesign(PointUNet(8), 8, 3)])
+
+
+def test_tta_maps_are_mapped_back_to_the_input_frame() -> None:
+    """Averaged over the 8 dihedral transforms, the maps of a flipped or transposed input are the flipped or
+    transposed maps; with 1 transform they are the network's own output."""
+    import torch
+
+    from oncofm.pathology.cells.unet import PointUNet, _averaged_maps
+
+    torch.manual_seed(0)
+    net = PointUNet(4).eval()
+    x = torch.rand(1, 3, 32, 40)
+    with torch.no_grad():
+        heat, probs = _averaged_maps(net, x, 8)
+        for op in (lambda t: t.flip(-1), lambda t: t.flip(-2), lambda t: t.transpose(-1, -2)):
+            h2, p2 = _averaged_maps(net, op(x), 8)
+            torch.testing.assert_close(h2, op(heat), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(p2, op(probs), rtol=1e-4, atol=1e-5)
+        h1, _ = _averaged_maps(net, x, 1)
+        torch.testing.assert_close(h1, torch.sigmoid(net(x)[:, 0]))
+
+
+def test_balanced_crops_centre_on_rare_classes_and_hed_jitter_keeps_colour_near() -> None:
+    from oncofm.pathology.cells.unet import _Crops, targets
+
+    a = planted(1, side=160, n=30)
+    keep = (a.labels != 0) | (np.arange(len(a.labels)) < 3)  # only 3 of class 0
+    pts, lab = a.points[keep], a.labels[keep]
+    heat, cls = targets(a.image.shape[:2], pts, lab, 2.0, 4.0)
+    plain = _Crops([a.image], [heat], [cls], 64, 60, 0.0)
+    focus = _Crops([a.image], [heat], [cls], 64, 60, 0.0, focus_fraction=1.0, dots=[(pts, lab)])
+    share = [np.mean([(d[2] == 0).sum() / max((d[2] >= 0).sum(), 1) for d in (ds[i] for i in range(60))])
+             for ds in (plain, focus)]
+    assert share[1] > share[0]  # class 0 is drawn a third of the time, not by its area
+    x = _Crops([a.image], [heat], [cls], 64, 1, 0.0, hed_jitter=0.01)[0][0]
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert abs(float(x.mean()) - a.image.mean() / 255) < 0.1
+
+
 def test_unknown_design_and_missing_model_say_what_to_do(tmp_path) -> None:
     with pytest.raises(OncoFMError, match="log-gbm"):
         design_class("resnet-999")

@@ -186,9 +186,24 @@ def _patches(ex: Explanation) -> str:
                        f"<td>{ratio(m)}</td></tr>" for m in summary.values())
         cells = ("<h3>Cells in the most attended patches (the cell model's estimate)</h3><table id='cells'>"
                  "<tr><th>measure</th><th>attended patches</th><th>slide (sampled patches)</th><th>ratio</th></tr>"
-                 f"{rows}</table><p class='muted'>Counted by OncoFM's cell-type model (BRCA-M2C; measured accuracy "
-                 "in docs/cells.md: macro F1 0.65 on held-out patients): an estimate, not a pathologist's count.</p>")
+                 f"{rows}</table><p class='muted'>Counted by OncoFM's cell-type model (trained on BRCA-M2C breast "
+                 f"tissue; {_cell_model_accuracy(ex)}): an estimate, not a pathologist's count.</p>")
     return f"<h3>Most attended patches</h3><div class='patches' id='patches'>{''.join(cards)}</div>{cells}"
+
+
+def _cell_model_accuracy(ex: Explanation) -> str:
+    """The run's cell model's own measured test accuracy (``test_metrics.json`` of ``oncofm cells evaluate``)."""
+    import json
+
+    from oncofm.paths import RunLayout
+
+    path = RunLayout(ex.settings.run).model_dir("cells") / "test_metrics.json"
+    try:
+        d = json.loads(path.read_text())
+        return (f"macro F1 {float(d['scores']['macro_f1']):.2f} on {int(d['n_images'])} held-out images of "
+                f"{int(d['n_patients'])} patients, docs/cells.md")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its test accuracy is not stored with this run's model: run `oncofm cells evaluate`; docs/cells.md"
 
 
 def _genes(ex: Explanation) -> str:

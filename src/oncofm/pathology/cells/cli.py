@@ -17,7 +17,7 @@ def train(
     data: Path | None = typer.Option(None, help="The BRCA-M2C folder (default: "
                                                 "shared/data/pathology/brca_m2c_tcga_rois)."),
     design: list[str] | None = typer.Option(None, "--design", help="Design(s) to train and compare on validation: "
-                                                                   "log-gbm, unet (default: both)."),
+                                                                   "log-gbm, unet, unet-ensemble (default: log-gbm and unet)."),
     epochs: int | None = typer.Option(None, help="U-Net epochs (of unet.steps_per_epoch steps)."),
     seed: int | None = typer.Option(None, help="Seed of the patient split and the training."),
     radius_um: float | None = typer.Option(None, help="Match radius in µm (default 6 µm = 12 px)."),

@@ -1,7 +1,7 @@
 """``CellModel``: a trained cell design with its per-class score thresholds, saved in and loaded from a folder.
 
 The folder holds ``config.yaml`` (design name and parameters, thresholds, µm/px, classes, validation
-scores), the design's weights (``unet.safetensors`` or ``classifier.pkl``), ``split.csv`` (the by-patient
+scores), the design's weights (``unet.safetensors``, ``unet_ensemble.safetensors`` or ``classifier.pkl``), ``split.csv`` (the by-patient
 split it was trained on) and ``settings.yaml`` (the training stage's resolved settings).
 """
 

@@ -1,10 +1,10 @@
-"""The registered cell designs: ``log-gbm`` (:mod:`.gbm`) and ``unet`` (:mod:`.unet`)."""
+"""The registered cell designs: ``log-gbm`` (:mod:`.gbm`), ``unet`` and ``unet-ensemble`` (:mod:`.unet`)."""
 
 from __future__ import annotations
 
 from oncofm.errors import OncoFMError
 from oncofm.pathology.cells import gbm as _gbm  # noqa: F401  (registers 'log-gbm')
-from oncofm.pathology.cells import unet as _unet  # noqa: F401  (registers 'unet')
+from oncofm.pathology.cells import unet as _unet  # noqa: F401  (registers 'unet', 'unet-ensemble')
 from oncofm.pathology.cells.designs import _DESIGNS
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from oncofm.config import StageSettings
 from oncofm.pathology.cells.data import DATA_MPP
@@ -38,8 +38,26 @@ class UNetSettings(StageSettings):
     class_radius_px: float = Field(4.0, gt=0, description="pixels this near a dot learn its class")
     min_distance: int = Field(3, ge=1, description="px between detected cell centres")
     stain_jitter: float = Field(0.1, ge=0, lt=1, description="optical-density scale jitter (augmentation)")
+    hed_jitter: float = Field(0.0, ge=0, lt=1, description="hematoxylin / eosin / residual concentration "
+                              "scale and shift jitter (HED augmentation, Tellez et al. 2018); 0: off")
+    focus_fraction: float = Field(0.0, ge=0, le=1, description="share of training crops centred near a dot "
+                                  "of a class drawn uniformly (class-balanced sampling); 0: uniform crops")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the weights, "
+                             "evaluated and kept instead of the raw weights (e.g. 0.998); 0: off")
+    tta: int = Field(1, description="test-time transforms averaged at prediction: 1 (none), 2 (+ 180° "
+                     "rotation), 4 (+ horizontal and vertical flips) or 8 (the dihedral group)")
     steps_per_epoch: int = Field(100, ge=1)
+    init_seed: int | None = Field(None, description="seed of the weights and crops (none: the split's seed)")
+    members: int = Field(2, ge=1, description="design unet-ensemble: U-Nets trained with init seeds "
+                         "seed, seed + 1, ... whose maps are averaged")
     train: TrainSettings = Field(default_factory=_unet_train)
+
+    @field_validator("tta")
+    @classmethod
+    def _tta(cls, v: int) -> int:
+        if v not in (1, 2, 4, 8):
+            raise ValueError(f"unet.tta must be 1, 2, 4 or 8 test-time transforms, got {v}")
+        return v
 
 
 class CellTrainSettings(StageSettings):

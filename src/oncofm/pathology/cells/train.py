@@ -74,7 +74,7 @@ def train_cells(settings: CellTrainSettings) -> dict[str, Path]:
         return paths
     torch.set_num_threads(settings.threads)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (TEST_FILE, "test_table.txt", "unet.safetensors", "classifier.pkl"):  # a previous model's
+    for stale in (TEST_FILE, "test_table.txt", "unet.safetensors", "unet_ensemble.safetensors", "classifier.pkl"):
         (out / stale).unlink(missing_ok=True)
     split = split_by_patient(load_manifest(data), settings.val_fraction, settings.test_fraction, settings.seed)
     check_split(split)

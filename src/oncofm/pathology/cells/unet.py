@@ -26,6 +26,7 @@ from oncofm.pathology.cells.data import CLASSES, AnnotatedImage
 from oncofm.pathology.cells.designs import Detections, register_design
 
 WEIGHTS = "unet.safetensors"
+ENSEMBLE_WEIGHTS = "unet_ensemble.safetensors"
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -102,27 +103,59 @@ class _Crops(torch.utils.data.Dataset):
     """``length`` random augmented crops of the training images (drawn anew each epoch)."""
 
     def __init__(self, images: list[np.ndarray], heats: list[np.ndarray], classes: list[np.ndarray], crop: int,
-                 length: int, stain_jitter: float) -> None:
+                 length: int, stain_jitter: float, hed_jitter: float = 0.0, focus_fraction: float = 0.0,
+                 dots: list[tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         self.images, self.heats, self.classes = images, heats, classes
         self.crop, self.length, self.jitter = crop, length, stain_jitter
+        self.hed_jitter, self.focus = hed_jitter, focus_fraction
         self.weights = np.array([im.shape[0] * im.shape[1] for im in images], np.float64)
         self.weights /= self.weights.sum()
+        # class-balanced sampling: per class, every (image, x, y) dot of that class
+        self.by_class: list[np.ndarray] = []
+        if dots is not None:
+            rows = [np.column_stack([np.full(len(lab), i), pts[:, 0], pts[:, 1], lab])
+                    for i, (pts, lab) in enumerate(dots) if len(lab)]
+            table = np.concatenate(rows) if rows else np.zeros((0, 4))
+            self.by_class = [table[table[:, 3] == c, :3] for c in range(len(CLASSES))]
+            self.by_class = [t for t in self.by_class if len(t)]
+        if hed_jitter:
+            from oncofm.pathology.stain import REFERENCE_STAINS
+
+            h, e = REFERENCE_STAINS[:, 0], REFERENCE_STAINS[:, 1]
+            r = np.cross(h, e)
+            m = np.stack([h, e, r / np.linalg.norm(r)])  # rows: unit OD vectors of H, E, residual
+            self.hed, self.hed_inv = m, np.linalg.inv(m)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,))))
-        i = rng.choice(len(self.images), p=self.weights)
+        if self.by_class and rng.random() < self.focus:  # a crop around a dot of a uniformly drawn class
+            table = self.by_class[int(rng.integers(len(self.by_class)))]
+            i, cx, cy = table[int(rng.integers(len(table)))]
+            i = int(i)
+            h, w = self.heats[i].shape
+            off = rng.integers(-self.crop // 4, self.crop // 4 + 1, 2)
+            x0 = int(np.clip(round(cx) - self.crop // 2 + off[0], 0, w - self.crop))
+            y0 = int(np.clip(round(cy) - self.crop // 2 + off[1], 0, h - self.crop))
+        else:
+            i = int(rng.choice(len(self.images), p=self.weights))
+            h, w = self.heats[i].shape
+            y0, x0 = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
         im, heat, cls = self.images[i], self.heats[i], self.classes[i]
-        h, w = heat.shape
-        y0, x0 = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
         sl = (slice(y0, y0 + self.crop), slice(x0, x0 + self.crop))
         x, t, c = im[sl].astype(np.float32) / 255.0, heat[sl], cls[sl]
         if self.jitter:  # optical density scaled and shifted per channel: stain and scanner variation
             od = -np.log(np.clip(x, 1 / 255, 1))
             od = od * rng.uniform(1 - self.jitter, 1 + self.jitter, 3) + rng.uniform(-self.jitter, self.jitter, 3) * 0.1
             x = np.exp(-np.clip(od, 0, None)).astype(np.float32)
+        if self.hed_jitter:  # stain concentrations scaled and shifted: H, E and residual separately
+            s = self.hed_jitter
+            od = -np.log(np.clip(x, 1 / 255, 1)).reshape(-1, 3)
+            conc = od @ self.hed_inv
+            conc = conc * rng.uniform(1 - s, 1 + s, 3) + rng.uniform(-s, s, 3) * 0.1
+            x = np.exp(-np.clip(conc @ self.hed, 0, None)).reshape(x.shape).astype(np.float32)
         k = int(rng.integers(4))
         x, t, c = np.rot90(x, k), np.rot90(t, k), np.rot90(c, k)
         if rng.random() < 0.5:
@@ -133,10 +166,32 @@ class _Crops(torch.utils.data.Dataset):
 
 class _Task:
     def __init__(self, val: list[AnnotatedImage], radius_px: float, class_weight: torch.Tensor,
-                 min_distance: int) -> None:
+                 min_distance: int, ema_decay: float = 0.0, tta: int = 1) -> None:
         self.val, self.radius, self.class_weight, self.min_distance = val, radius_px, class_weight, min_distance
+        self.ema_decay, self.tta = ema_decay, tta
+        self.ema: nn.Module | None = None
+        self.ema_steps = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_metric = -np.inf
+
+    @torch.no_grad()
+    def _update_ema(self, model: nn.Module) -> None:
+        """EMA of the weights (buffers copied), updated from the weights the last optimiser step left."""
+        import copy
+
+        if self.ema is None:
+            self.ema = copy.deepcopy(model).eval()
+            return
+        self.ema_steps += 1
+        d = min(self.ema_decay, (1 + self.ema_steps) / (10 + self.ema_steps))
+        for e, p in zip(self.ema.parameters(), model.parameters(), strict=True):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        for e, b in zip(self.ema.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if self.ema_decay:
+            self._update_ema(model)
         x, heat, cls = batch
         out = model(x)
         ce = F.cross_entropy(out[:, 1:], cls, weight=self.class_weight.to(out.device), ignore_index=-1)
@@ -146,20 +201,54 @@ class _Task:
         from oncofm.pathology.cells.metrics import detection_scores, tune_thresholds
 
         gts = [(a.points, a.labels) for a in self.val]
-        raw = _predict(model, [a.image for a in self.val], 0.1, self.min_distance)
+        if self.ema_decay:
+            self._update_ema(model)
+            model = self.ema  # type: ignore[assignment]
+        raw = _predict(model, [a.image for a in self.val], 0.1, self.min_distance, tta=self.tta)
         # the epoch is chosen at its best per-class thresholds (a coarse grid), as the final model is tuned
         thresholds, _ = tune_thresholds(raw, gts, self.radius, grid=np.arange(0.1, 0.81, 0.05))
         dets = [d.select(d.scores >= thresholds[d.labels]) for d in raw]
         s = detection_scores([(d.points, d.labels) for d in dets], gts, self.radius)
+        if self.ema_decay and s["macro_f1"] > self.best_metric:  # the loop keeps the raw weights' best epoch
+            self.best_metric = float(s["macro_f1"])
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return {"val_macro_f1": float(s["macro_f1"]), "val_detection_f1": float(s["all"]["f1"])}
 
 
+#: Test-time transforms, in the order ``tta`` takes them, as (transpose, flipped dims): identity, 180°
+#: rotation, horizontal flip, vertical flip, then the same four of the transposed input. The output is
+#: mapped back by undoing the flip, then the transpose.
+_TTA = [(False, ()), (False, (2, 3)), (False, (3,)), (False, (2,)),
+        (True, ()), (True, (2, 3)), (True, (3,)), (True, (2,))]
+
+
+def _averaged_maps(model: nn.Module | list[nn.Module], x: torch.Tensor, tta: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmap (b, h, w) and class probabilities (b, c, h, w), averaged over ``tta`` transforms and over the
+    networks when ``model`` is a list of them (an ensemble)."""
+    models = model if isinstance(model, list) else [model]
+    heat = probs = None
+    for net in models:
+        for transpose, dims in _TTA[:tta]:
+            xt = x.transpose(2, 3) if transpose else x
+            xt = xt.flip(dims) if dims else xt
+            logits = net(xt)
+            logits = logits.flip(dims) if dims else logits
+            logits = logits.transpose(2, 3) if transpose else logits
+            h, p = torch.sigmoid(logits[:, 0]), torch.softmax(logits[:, 1:], dim=1)
+            heat, probs = (h, p) if heat is None else (heat + h, probs + p)
+    n = tta * len(models)
+    return heat / n, probs / n  # type: ignore[operator]
+
+
 @torch.no_grad()
-def _predict(model: nn.Module, images: list[np.ndarray], min_score: float, min_distance: int,
-             batch_size: int = 16) -> list[Detections]:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def _predict(model: nn.Module | list[nn.Module], images: list[np.ndarray], min_score: float, min_distance: int,
+             batch_size: int = 16, tta: int = 1) -> list[Detections]:
+    models = model if isinstance(model, list) else [model]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    device = next(models[0].parameters()).device
     out: list[Detections | None] = [None] * len(images)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
@@ -172,9 +261,9 @@ def _predict(model: nn.Module, images: list[np.ndarray], min_score: float, min_d
             x = torch.from_numpy(np.stack([images[i] for i in chunk])).to(device).permute(0, 3, 1, 2).float() / 255
             if ph or pw:
                 x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-            logits = model(x)[:, :, :h, :w]
-            heat = torch.sigmoid(logits[:, 0])
-            probs = F.avg_pool2d(torch.softmax(logits[:, 1:], dim=1), 3, stride=1, padding=1)
+            heat, probs = _averaged_maps(model, x, tta)
+            heat, probs = heat[:, :h, :w], probs[:, :, :h, :w]
+            probs = F.avg_pool2d(probs, 3, stride=1, padding=1)
             k = 2 * min_distance + 1
             peak = (heat == F.max_pool2d(heat[:, None], k, stride=1, padding=min_distance)[:, 0]) & (heat > min_score)
             for j, i in enumerate(chunk):
@@ -185,8 +274,8 @@ def _predict(model: nn.Module, images: list[np.ndarray], min_score: float, min_d
                 keep = score >= min_score
                 pts = torch.stack([xs, ys], dim=1)[keep].double().cpu().numpy()
                 out[i] = Detections(pts, lab[keep].cpu().numpy().astype(np.int64), score[keep].double().cpu().numpy())
-    if was_training:
-        model.train()
+    for m, training in zip(models, was_training, strict=True):
+        m.train(training)
     return out  # type: ignore[return-value]
 
 
@@ -196,16 +285,17 @@ class UNetDesign:
 
     name = "unet"
 
-    def __init__(self, model: PointUNet, base_channels: int, min_distance: int) -> None:
+    def __init__(self, model: PointUNet, base_channels: int, min_distance: int, tta: int = 1) -> None:
         self.model = model.eval()
-        self.base_channels, self.min_distance = int(base_channels), int(min_distance)
+        self.base_channels, self.min_distance, self.tta = int(base_channels), int(min_distance), int(tta)
 
     @classmethod
     def fit(cls, train: list[AnnotatedImage], val: list[AnnotatedImage], settings: Any, work_dir: Path) -> UNetDesign:
         from oncofm.training import fit
 
         us = settings.unet
-        torch.manual_seed(settings.seed)
+        seed = settings.seed if us.init_seed is None else us.init_seed
+        torch.manual_seed(seed)
         small = [a for a in train if min(a.image.shape[:2]) < us.crop]
         if small:
             raise OncoFMError(f"{small[0].file} is smaller than the {us.crop} px training crop; set unet.crop lower")
@@ -214,18 +304,22 @@ class UNetDesign:
         weight = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
         weight = weight / weight.mean()
         data = _Crops([a.image for a in train], [t[0] for t in tg], [t[1] for t in tg], us.crop,
-                      us.steps_per_epoch * us.train.batch_size, us.stain_jitter)
+                      us.steps_per_epoch * us.train.batch_size, us.stain_jitter, us.hed_jitter, us.focus_fraction,
+                      [(a.points, a.labels) for a in train])
         model = PointUNet(us.base_channels)
-        task = _Task(val, settings.radius_px, weight, us.min_distance)
-        train_settings = us.train.model_copy(update={"monitor": "val_macro_f1", "mode": "max", "seed": settings.seed})
+        task = _Task(val, settings.radius_px, weight, us.min_distance, us.ema_decay, us.tta)
+        train_settings = us.train.model_copy(update={"monitor": "val_macro_f1", "mode": "max", "seed": seed})
         fit(model, data, torch.utils.data.TensorDataset(torch.zeros(1)), task, train_settings, work_dir)
-        return cls(model.cpu(), us.base_channels, us.min_distance)
+        if task.best_state is not None:  # the weight average of the best validation epoch
+            model.load_state_dict(task.best_state)
+        return cls(model.cpu(), us.base_channels, us.min_distance, us.tta)
 
     def predict(self, images: list[np.ndarray], min_score: float = 0.0) -> list[Detections]:
-        return _predict(self.model, list(images), max(min_score, 0.02), self.min_distance)
+        return _predict(self.model, list(images), max(min_score, 0.02), self.min_distance, tta=self.tta)
 
     def params(self) -> dict[str, Any]:
-        return {"base_channels": self.base_channels, "min_distance": self.min_distance, "classes": list(CLASSES)}
+        return {"base_channels": self.base_channels, "min_distance": self.min_distance, "tta": self.tta,
+                "classes": list(CLASSES)}
 
     def save(self, directory: Path) -> None:
         from safetensors.torch import save_file
@@ -245,4 +339,69 @@ class UNetDesign:
                               "`oncofm cells train --out DIR`")
         model = PointUNet(params["base_channels"])
         model.load_state_dict(load_file(str(path)))
-        return cls(model, params["base_channels"], params["min_distance"])
+        return cls(model, params["base_channels"], params["min_distance"], int(params.get("tta", 1)))
+
+
+@register_design("unet-ensemble")
+class UNetEnsembleDesign:
+    """``unet.members`` :class:`PointUNet` s, each trained as design ``unet`` with its own init seed (seed,
+    seed + 1, ...; each member's epoch chosen on validation), their heatmaps and class probabilities averaged
+    before the peaks are taken."""
+
+    name = "unet-ensemble"
+
+    def __init__(self, models: list[PointUNet], base_channels: int, min_distance: int, tta: int = 1) -> None:
+        self.models = [m.eval() for m in models]
+        self.base_channels, self.min_distance, self.tta = int(base_channels), int(min_distance), int(tta)
+
+    @classmethod
+    def fit(cls, train: list[AnnotatedImage], val: list[AnnotatedImage], settings: Any,
+            work_dir: Path) -> UNetEnsembleDesign:
+        us = settings.unet
+        base = settings.seed if us.init_seed is None else us.init_seed
+        members = []
+        for k in range(us.members):
+            member_settings = settings.model_copy(update={"unet": us.model_copy(update={"init_seed": base + k})})
+            members.append(UNetDesign.fit(train, val, member_settings, Path(work_dir) / f"member{k}").model)
+        return cls(members, us.base_channels, us.min_distance, us.tta)
+
+    @classmethod
+    def from_members(cls, members: list[UNetDesign], tta: int | None = None) -> UNetEnsembleDesign:
+        """The ensemble of already trained ``unet`` designs (same architecture)."""
+        if len({(m.base_channels, m.min_distance) for m in members}) != 1:
+            raise OncoFMError("ensemble members must share base_channels and min_distance")
+        m0 = members[0]
+        return cls([m.model for m in members], m0.base_channels, m0.min_distance, m0.tta if tta is None else tta)
+
+    def predict(self, images: list[np.ndarray], min_score: float = 0.0) -> list[Detections]:
+        return _predict(self.models, list(images), max(min_score, 0.02), self.min_distance, tta=self.tta)
+
+    def params(self) -> dict[str, Any]:
+        return {"base_channels": self.base_channels, "min_distance": self.min_distance, "tta": self.tta,
+                "members": len(self.models), "classes": list(CLASSES)}
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from oncofm.io import atomic_path
+
+        with atomic_path(Path(directory) / ENSEMBLE_WEIGHTS) as tmp:
+            save_file({f"member{k}.{n}": v.contiguous() for k, m in enumerate(self.models)
+                       for n, v in m.state_dict().items()}, str(tmp))
+
+    @classmethod
+    def load(cls, directory: Path, params: dict[str, Any]) -> UNetEnsembleDesign:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / ENSEMBLE_WEIGHTS
+        if not path.exists():
+            raise OncoFMError(f"{path} is missing: the cell model folder is incomplete; retrain it with "
+                              "`oncofm cells train --out DIR --design unet-ensemble`")
+        state = load_file(str(path))
+        models = []
+        for k in range(int(params["members"])):
+            prefix = f"member{k}."
+            m = PointUNet(params["base_channels"])
+            m.load_state_dict({n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)})
+            models.append(m)
+        return cls(models, params["base_channels"], params["min_distance"], int(params.get("tta", 1)))
