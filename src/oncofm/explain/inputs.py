@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -115,20 +116,9 @@ def read_slide_features_file(path: str | Path) -> pd.Series:
     from oncofm.cohort.slide_features import METADATA_COLUMNS
 
     path = Path(path)
-    if not path.is_file():
-        raise OncoFMError(f"slide-feature file {path} does not exist")
-    df = _read_table(path, what="slide-feature")
-    if df.shape[1] == 2 and not _is_numeric(df.iloc[:, 0]):
-        raw = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).str.strip())
-    else:
-        if df.shape[0] != 1:
-            raise OncoFMError(f"{path}: {df.shape[0]} rows; give one patient: feature,value rows or one row with a "
-                              "column per feature")
-        raw = df.iloc[0]
-        raw = raw[[c for c in raw.index if str(c).strip().lower() not in METADATA_COLUMNS]]
-        raw.index = raw.index.astype(str).str.strip()
-    values = pd.to_numeric(raw, errors="coerce")
-    bad = [str(k) for k, v in raw.items() if pd.isna(values[k]) and not (pd.isna(v) or str(v).strip() == "")]
+    raw = _one_patient_table(path, "slide-feature", "feature",
+                             lambda row: row[[c for c in row.index if str(c).strip().lower() not in METADATA_COLUMNS]])
+    values, bad = _numbers(raw)
     if bad:
         raise OncoFMError(f"{path}: {len(bad)} slide features are not numbers (e.g. {bad[:3]}); give numbers, or "
                           "leave a value empty when it is missing")
@@ -145,21 +135,9 @@ def read_cnv_file(path: str | Path) -> pd.Series:
     -2 deep deletion .. 2 amplification); empty = not measured; the values are checked when the model runs
     (:func:`oncofm.omics.predict.validate_layer_inputs`)."""
     path = Path(path)
-    if not path.is_file():
-        raise OncoFMError(f"copy-number file {path} does not exist")
-    df = _read_table(path, what="copy-number")
-    if df.shape[1] == 2 and not _is_numeric(df.iloc[:, 0]):
-        raw = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).str.strip())
-    else:
-        if df.shape[0] != 1:
-            raise OncoFMError(f"{path}: {df.shape[0]} rows; give one patient: gene,level rows or one row with a "
-                              "column per gene")
-        raw = df.iloc[0]
-        if not _is_numeric(df.iloc[:, 0]):
-            raw = raw.iloc[1:]
-        raw.index = raw.index.astype(str).str.strip()
-    values = pd.to_numeric(raw, errors="coerce")
-    bad = [str(k) for k, v in raw.items() if pd.isna(values[k]) and not (pd.isna(v) or str(v).strip() == "")]
+    raw = _one_patient_table(path, "copy-number", "gene", value="level",  # a first text column: the patient ID
+                             trim=lambda row: row.iloc[1:] if pd.isna(pd.to_numeric(row.iloc[0], errors="coerce")) else row)
+    values, bad = _numbers(raw)
     if bad:
         raise OncoFMError(f"{path}: copy-number levels must be numbers (e.g. -2..2); not for {', '.join(bad[:5])}")
     if raw.index.duplicated().any():
@@ -178,16 +156,11 @@ def parse_mutations(value: str | Path | list[str]) -> list[str]:
     or a file with one gene per line, a ``Hugo_Symbol`` column (a MAF) or a ``gene`` column (a string is read
     as a file only by the command line; the web app passes lists). Genes not listed count as wild-type. An
     empty list is allowed (every gene wild-type)."""
+    text = "" if isinstance(value, list | tuple) else str(value).strip()
+    path = Path(text)
     if isinstance(value, list | tuple):
         genes = [str(g).strip() for g in value if str(g).strip()]
-        bad = [g for g in genes if not GENE_SYMBOL.match(g)]
-        if bad:
-            raise OncoFMError(f"mutations: {', '.join(repr(b) for b in bad[:5])} do not look like gene symbols; "
-                              "give HGNC symbols such as TP53,KRAS")
-        return sorted(set(genes))
-    text = str(value).strip()
-    path = Path(text)
-    if path.suffix.lower() in (".csv", ".tsv", ".txt", ".maf", ".gz", ".parquet") or path.is_file():
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt", ".maf", ".gz", ".parquet") or path.is_file():
         if not path.is_file():
             raise OncoFMError(f"mutation file {path} does not exist")
         if path.name.lower().endswith((".csv", ".tsv", ".maf", ".parquet", ".csv.gz", ".tsv.gz", ".maf.gz")):
@@ -231,6 +204,30 @@ def layer_input_notes(patient: PatientInput, features: dict[str, list[str]]) -> 
                          f"features ({', '.join(used[:8]) or 'none'}); {len(unused)} are not and were not used "
                          f"({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''}){rest}")
     return notes
+
+
+def _one_patient_table(path: Path, what: str, key: str, trim: Callable[[pd.Series], pd.Series],
+                       value: str = "value") -> pd.Series:
+    """One patient's values as read (text kept): ``key, value`` rows, or the single row of a table with a
+    column per ``key`` (``trim`` drops its non-value columns); raises for a missing file or several rows."""
+    if not path.is_file():
+        raise OncoFMError(f"{what} file {path} does not exist")
+    df = _read_table(path, what=what)
+    if df.shape[1] == 2 and not _is_numeric(df.iloc[:, 0]):
+        return pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).str.strip())
+    if df.shape[0] != 1:
+        raise OncoFMError(f"{path}: {df.shape[0]} rows; give one patient: {key},{value} rows or one row with a "
+                          f"column per {key}")
+    raw = trim(df.iloc[0])
+    raw.index = raw.index.astype(str).str.strip()
+    return raw
+
+
+def _numbers(raw: pd.Series) -> tuple[pd.Series, list[str]]:
+    """``raw`` as numbers (empty = NaN), and the keys whose value is text."""
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = [str(k) for k, v in raw.items() if pd.isna(values[k]) and not (pd.isna(v) or str(v).strip() == "")]
+    return values, bad
 
 
 def _read_table(path: Path, what: str = "expression") -> pd.DataFrame:

@@ -357,30 +357,22 @@ def clinical_phrase(ev: dict) -> str | None:
     return ", ".join(parts) or None
 
 
+def _cox_facts(x: dict) -> list[str]:
+    """The univariate Cox facts of a cited gene or alteration: sign, FDR q and its significance word."""
+    facts = [f"Cox {x['cox']}"] if x.get("cox") else []
+    if x.get("q") is not None:
+        facts += [f"q {x['q']:.2g}", significance(x["q"])]
+    return facts
+
+
 def gene_facts(x: dict) -> list[str]:
     """The facts of one gene in an evidence record, as text: z-score, Cox sign, FDR q (those present)."""
-    facts = []
-    if x.get("z") is not None:
-        facts.append(f"z {x['z']:+.1f}")
-    if x.get("cox"):
-        facts.append(f"Cox {x['cox']}")
-    if x.get("q") is not None:
-        facts.append(f"q {x['q']:.2g}")
-        facts.append(significance(x["q"]))
-    return facts
+    return ([f"z {x['z']:+.1f}"] if x.get("z") is not None else []) + _cox_facts(x)
 
 
 def alteration_facts(x: dict) -> list[str]:
     """The facts of one cited alteration, as text: the copy-number level, Cox sign, FDR q (those present)."""
-    facts = []
-    if x.get("level") is not None:
-        facts.append(f"level {x['level']:+g}")
-    if x.get("cox"):
-        facts.append(f"Cox {x['cox']}")
-    if x.get("q") is not None:
-        facts.append(f"q {x['q']:.2g}")
-        facts.append(significance(x["q"]))
-    return facts
+    return ([f"level {x['level']:+g}"] if x.get("level") is not None else []) + _cox_facts(x)
 
 
 def alteration_phrase(x: dict) -> str:

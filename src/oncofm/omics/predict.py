@@ -498,11 +498,10 @@ def stored_omics_results(layout: RunLayout, patients: pd.DataFrame, *, horizon_y
             cov = rows[rows["layer"] == "covariate"]
             lay = rows[rows["layer"] != "covariate"]
             if len(lay):
+                groups = [(str(k), g) for k, g in lay.groupby("layer", sort=False)]
                 out[pid].layer_inputs = layer_input_table(
-                    {str(k): (g["feature"].astype(str).tolist(), g["value"].to_numpy(float))
-                     for k, g in lay.groupby("layer", sort=False)},
-                    {str(k): g["attribution"].to_numpy(float) for k, g in lay.groupby("layer", sort=False)},
-                    coef, cancer)
+                    {k: (g["feature"].astype(str).tolist(), g["value"].to_numpy(float)) for k, g in groups},
+                    {k: g["attribution"].to_numpy(float) for k, g in groups}, coef, cancer)
             out[pid].covariates = dict(zip(cov["feature"].astype(str), cov["value"].astype(float), strict=True))
             out[pid].covariate_effects = dict(zip(cov["feature"].astype(str), cov["attribution"].astype(float),
                                                   strict=True))

@@ -333,13 +333,19 @@ class UNetDesign:
     def load(cls, directory: Path, params: dict[str, Any]) -> UNetDesign:
         from safetensors.torch import load_file
 
-        path = Path(directory) / WEIGHTS
-        if not path.exists():
-            raise OncoFMError(f"{path} is missing: the cell model folder is incomplete; retrain it with "
-                              "`oncofm cells train --out DIR`")
+        path = _weights_path(directory, WEIGHTS, "")
         model = PointUNet(params["base_channels"])
         model.load_state_dict(load_file(str(path)))
         return cls(model, params["base_channels"], params["min_distance"], int(params.get("tta", 1)))
+
+
+def _weights_path(directory: Path, name: str, design_option: str) -> Path:
+    """The weights file ``name`` of a cell model folder; raises saying how to remake a folder without it."""
+    path = Path(directory) / name
+    if not path.exists():
+        raise OncoFMError(f"{path} is missing: the cell model folder is incomplete; retrain it with "
+                          f"`oncofm cells train --out DIR{design_option}`")
+    return path
 
 
 @register_design("unet-ensemble")
@@ -393,10 +399,7 @@ class UNetEnsembleDesign:
     def load(cls, directory: Path, params: dict[str, Any]) -> UNetEnsembleDesign:
         from safetensors.torch import load_file
 
-        path = Path(directory) / ENSEMBLE_WEIGHTS
-        if not path.exists():
-            raise OncoFMError(f"{path} is missing: the cell model folder is incomplete; retrain it with "
-                              "`oncofm cells train --out DIR --design unet-ensemble`")
+        path = _weights_path(directory, ENSEMBLE_WEIGHTS, " --design unet-ensemble")
         state = load_file(str(path))
         models = []
         for k in range(int(params["members"])):
