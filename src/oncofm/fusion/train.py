@@ -162,6 +162,7 @@ def train_fusion(settings: FusionSettings) -> dict[str, Path]:
     train_items = fusion_items(tokenizer, [records[i] for i in train_idx], settings.run, with_target=True)
     val_items = fusion_items(tokenizer, [records[i] for i in val_idx], settings.run, with_target=True)
     d_omics, d_slide = train_items[0].omics.shape[0], train_items[0].slide.shape[0]
+    torch.manual_seed(settings.train.seed)  # the projector's and LoRA's initial weights: the same on every run
     model = build_fusion_model(llm, d_omics, d_slide, settings)
     n_train = sum(p.numel() for p in model.trainable_parameters())
     lengths = [len(it.prompt_ids) + len(it.target_ids or []) for it in train_items]
